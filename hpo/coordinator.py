@@ -1,0 +1,168 @@
+"""A study in shared storage: created once from a validated config, which it then carries.
+
+The config is stored on the study (user attribute ``hpo:config``), so that
+``hpo worker --study NAME`` on any machine needs only the storage URL. The trial budget
+is global: trials count in the order the storage numbered them, and a trial numbered
+past the budget is handed back unstarted, so the study ends with exactly `n_trials`
+finished trials however many workers race for the last one.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Literal
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo import heartbeat
+from hpo.config import Config, ConfigError, config_from_dict
+from hpo.storage import open_storage, redact, resolve_url
+
+CONFIG_ATTR = "hpo:config"
+SOURCE_ATTR = "hpo:source"
+COUNTED = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+OnExists = Literal["refuse", "resume", "overwrite"]
+
+
+class StudyError(ValueError):
+    """One line for the user."""
+
+
+@dataclass(frozen=True)
+class Created:
+    study: optuna.Study
+    resumed: bool
+
+
+def create(config: Config, storage: BaseStorage, *, on_exists: OnExists = "refuse", source: str = "") -> Created:
+    """Creates the study and stores its config; enqueues the baseline trials.
+
+    An existing study with the same config is resumed. One with a different config is
+    refused unless `on_exists` is ``resume`` (keep its trials, store the new config) or
+    ``overwrite`` (delete it first).
+    """
+    name = config.study.name
+    existing = _find(storage, name)
+    if existing is not None:
+        stored = existing.user_attrs.get(CONFIG_ATTR)
+        same = stored is not None and config_from_dict(stored, name).fingerprint() == config.fingerprint()
+        if on_exists == "overwrite":
+            optuna.delete_study(study_name=name, storage=storage)
+        elif same or on_exists == "resume":
+            if list(existing.directions) != [_direction(d) for d in config.study.directions]:
+                raise StudyError(f"study {name!r} exists with other directions; use --overwrite to replace it")
+            study = optuna.load_study(study_name=name, storage=storage)
+            study.set_user_attr(CONFIG_ATTR, config.raw)
+            return Created(study, resumed=True)
+        else:
+            raise StudyError(
+                f"study {name!r} already exists with a different config; "
+                "use --resume to continue it with this file, or --overwrite to start over"
+            )
+    study = optuna.create_study(storage=storage, study_name=name, directions=list(config.study.directions))
+    study.set_user_attr(CONFIG_ATTR, config.raw)
+    if source:
+        study.set_user_attr(SOURCE_ATTR, source)
+    for params in config.baseline:
+        study.enqueue_trial(params, user_attrs={"hpo:baseline": True})
+    return Created(study, resumed=False)
+
+
+def load(name: str, storage: BaseStorage) -> tuple[optuna.Study, Config]:
+    """The study and the config stored in it."""
+    summary = _find(storage, name)
+    if summary is None:
+        known = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        hint = f" (studies here: {', '.join(sorted(known))})" if known else " (no studies in this storage)"
+        raise StudyError(f"no study named {name!r}{hint}")
+    raw = summary.user_attrs.get(CONFIG_ATTR)
+    if raw is None:
+        raise StudyError(f"study {name!r} was not created by hpo (no stored config); create it with hpo create")
+    try:
+        config = config_from_dict(raw, f"study {name!r}")
+    except ConfigError as err:
+        raise StudyError(f"the config stored in study {name!r} is not valid here: {err.problems[0]}") from None
+    return optuna.load_study(study_name=name, storage=storage), config
+
+
+def open_study(url: str | None, name: str | None) -> tuple[optuna.Study, Config]:
+    """Opens the storage and the study in it (the only one when `name` is None), with liveness on.
+
+    On RDB storages the heartbeat settings come from the study's config, so the storage is
+    opened again with them once the config is read.
+    """
+    storage = open_storage(url)
+    if name is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        if len(names) != 1:
+            listed = f": {', '.join(sorted(names))}" if names else ""
+            raise StudyError(f"{redact(resolve_url(url))} holds {len(names)} studies{listed}; name one with --study")
+        name = names[0]
+    study, config = load(name, storage)
+    if heartbeat.uses_optuna_heartbeat(storage):
+        s = config.study
+        storage = open_storage(url, heartbeat=(s.heartbeat_interval, s.grace_period, heartbeat.optuna_stale_callback(s.max_retries)))
+        study = optuna.load_study(study_name=name, storage=storage)
+    return study, config
+
+
+def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that use up budget: started or finished, except failed ones that were re-queued
+    (their retry counts instead)."""
+    retried = heartbeat.retried_numbers(trials)
+    return [t for t in trials if _counts(t, retried)]
+
+
+def _counts(trial: FrozenTrial, retried: set[int]) -> bool:
+    return trial.state in COUNTED and not (trial.state == TrialState.FAIL and trial.number in retried)
+
+
+def budget_left(config: Config, trials: list[FrozenTrial], now: datetime.datetime | None = None) -> bool:
+    """Whether a new trial may start: trials left, and the study's timeout not passed."""
+    if config.study.n_trials is not None and len(counted(trials)) >= config.study.n_trials:
+        return False
+    if config.study.timeout is not None:
+        starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+        if starts:
+            elapsed = ((now or datetime.datetime.now()) - min(starts)).total_seconds()
+            if elapsed >= config.study.timeout:
+                return False
+    return True
+
+
+def within_budget(config: Config, trials: list[FrozenTrial], number: int) -> bool:
+    """Whether trial `number`, just started, is inside the budget (ordering by trial number)."""
+    if config.study.n_trials is None:
+        return True
+    ahead = [t for t in counted(trials) if t.number < number]
+    return len(ahead) < config.study.n_trials
+
+
+def surely_within_budget(config: Config, seen: list[FrozenTrial], number: int) -> bool:
+    """Whether trial `number` is inside the budget, judged from trials read *before* it was asked.
+
+    Trials created since then have numbers between the highest seen and `number`; counting all
+    of them, and every waiting trial seen, bounds the count from above. Only near the end of
+    the budget does the worker need a fresh read (`within_budget`).
+    """
+    if config.study.n_trials is None:
+        return True
+    retried = heartbeat.retried_numbers(seen)
+    ahead = [t for t in seen if t.number < number and (t.state == TrialState.WAITING or _counts(t, retried))]
+    unseen = number - 1 - max((t.number for t in seen), default=-1)
+    return len(ahead) + max(unseen, 0) < config.study.n_trials
+
+
+def _find(storage: BaseStorage, name: str) -> optuna.study.StudySummary | None:
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if summary.study_name == name:
+            return summary
+    return None
+
+
+def _direction(name: str) -> optuna.study.StudyDirection:
+    return optuna.study.StudyDirection.MAXIMIZE if name == "maximize" else optuna.study.StudyDirection.MINIMIZE

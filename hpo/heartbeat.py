@@ -1,0 +1,144 @@
+"""Liveness: workers beat, and a trial whose worker stopped beating is failed and retried.
+
+RDB storages use Optuna's own trial heartbeat (its table, its stale-trial query, its
+exactly-once failure) with hpo's retry as the stale-trial callback. Journal storages (a file,
+Redis) have no heartbeat in Optuna, so hpo keeps one with the same semantics: each worker
+writes ``hpo:worker:<id>`` on the study every interval, and a RUNNING trial whose worker's
+last beat is older than the grace period is failed by whichever live process sees it first.
+The journal orders the competing FAIL writes, so exactly one of them wins and re-queues.
+
+Each worker also sweeps on its timer, not only when it starts a trial, and so does
+``hpo status``: a study whose last worker died is cleaned up by the next one to look.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+WORKER_PREFIX = "hpo:worker:"
+RETRY_OF = "hpo:retry_of"
+
+
+def uses_optuna_heartbeat(storage: BaseStorage) -> bool:
+    return isinstance(getattr(storage, "_backend", storage), RDBStorage)
+
+
+class Heartbeat:
+    """A daemon thread that beats for this worker (and its running trial) and sweeps stale trials."""
+
+    def __init__(self, study: optuna.Study, worker: str, interval: float, grace: float, max_retries: int) -> None:
+        self.study, self.worker = study, worker
+        self.interval, self.grace, self.max_retries = interval, grace, max_retries
+        self.trial_id: int | None = None
+        self.trial_number: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.running(None)
+        self.beat(alive=False)
+
+    def running(self, trial: optuna.Trial | None) -> None:
+        """Marks the trial this worker now runs (None: idle) and beats for it at once."""
+        self.trial_id = trial._trial_id if trial is not None else None
+        self.trial_number = trial.number if trial is not None else None
+        if trial is not None:
+            self.beat()
+
+    def beat(self, alive: bool = True) -> None:
+        storage = self.study._storage
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "device": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                  "trial": self.trial_number, "beat": time.time(), "alive": alive}
+        storage.set_study_system_attr(self.study._study_id, WORKER_PREFIX + self.worker, record)
+        if self.trial_id is not None and uses_optuna_heartbeat(storage):
+            storage.record_heartbeat(self.trial_id)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+                sweep(self.study, self.grace, self.max_retries)
+            except Exception:  # a storage hiccup must not kill the trial; the next beat retries
+                pass
+
+
+def workers(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    """The workers that ever beat on this study, by identity."""
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    return {key[len(WORKER_PREFIX):]: value for key, value in attrs.items() if key.startswith(WORKER_PREFIX)}
+
+
+def sweep(study: optuna.Study, grace: float, max_retries: int, now: float | None = None) -> list[int]:
+    """Fails the RUNNING trials whose worker stopped beating and re-queues them; returns their numbers."""
+    storage = study._storage
+    if uses_optuna_heartbeat(storage):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        optuna.storages.fail_stale_trials(study)
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        return sorted(before - after)
+    now = time.time() if now is None else now
+    beats = workers(study)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("hpo:worker")
+        record = beats.get(worker) if worker else None
+        last = record["beat"] if record else (trial.datetime_start.timestamp() if trial.datetime_start else now)
+        if now - last <= grace:
+            continue
+        try:
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue  # another process failed it first (or it just finished): not ours to retry
+        retry(study, storage.get_trial(trial._trial_id), f"worker {worker} stopped beating {now - last:.0f}s ago", max_retries)
+        failed.append(trial.number)
+    return failed
+
+
+def retry(study: optuna.Study, failed: FrozenTrial, reason: str, max_retries: int, extra: dict[str, Any] | None = None) -> None:
+    """Re-queues a failed trial's params as a new trial linked to it, up to `max_retries` times.
+
+    `extra` user attributes go on the retry (e.g. a smaller batch size after running out of memory).
+    """
+    history = [*failed.user_attrs.get("hpo:attempts", []), {"trial": failed.number, "reason": reason}]
+    if len(history) > max_retries:
+        return  # failed for good; the history stays on the trial's predecessors and in the status
+    study.enqueue_trial(
+        failed.params,
+        user_attrs={
+            RETRY_OF: failed.number,
+            "hpo:resume_from": failed.user_attrs.get("hpo:resume_from", failed.number),
+            "hpo:attempts": history,
+            **(extra or {}),
+        },
+        skip_if_exists=False,
+    )
+
+
+def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the trials that were re-queued (their retry carries a link back to them)."""
+    return {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+
+
+def optuna_stale_callback(max_retries: int):
+    """Optuna's RDB heartbeat calls this once per stale trial it failed."""
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        retry(study, trial, "worker stopped beating (Optuna heartbeat)", max_retries)
+
+    return callback

@@ -1,0 +1,131 @@
+"""One trial: params from the space, model and data from the task's factories, the shared
+loop with a pruning callback, and the metric(s) back."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import optuna
+import torch
+
+import trainers
+from hpo import outage
+from hpo import space as space_mod
+from hpo import task as task_mod
+from hpo.config import Config
+
+
+@dataclass
+class Task:
+    """The user's factories, imported once per worker."""
+
+    model_fn: Callable[..., torch.nn.Module]
+    data_fn: Callable[..., Any]
+    train_step: Callable | None
+    eval_step: Callable | None
+    model_takes_data: bool
+    data_takes_params: bool
+    cached_data: trainers.Data | None = None
+
+    def data(self, params: dict[str, Any]) -> trainers.Data:
+        if not self.data_takes_params:
+            # A data factory that ignores the params gives the same data every trial: build once.
+            if self.cached_data is None:
+                self.cached_data = trainers.as_data(self.data_fn())
+            return self.cached_data
+        return trainers.as_data(self.data_fn(params))
+
+    def model(self, params: dict[str, Any], data: trainers.Data) -> torch.nn.Module:
+        model = self.model_fn(params, data) if self.model_takes_data else self.model_fn(params)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"the model factory returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+
+def prepare(config: Config) -> Task:
+    t = config.task
+    model_fn = task_mod.load_callable(t.model)
+    return Task(
+        model_fn=model_fn,
+        data_fn=task_mod.load_callable(t.data),
+        train_step=task_mod.load_callable(t.train_step) if t.train_step else None,
+        eval_step=task_mod.load_callable(t.eval_step) if t.eval_step else None,
+        model_takes_data=_n_params(model_fn) >= 2,
+        data_takes_params=task_mod.takes_params(task_mod.load_callable(t.data)),
+    )
+
+
+class PruningCallback:
+    """Reports the study's metric after each validation; raises `optuna.TrialPruned` when told to."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, patience: float = outage.DEFAULT_PATIENCE) -> None:
+        self.trial, self.metric, self.patience = trial, metric, patience
+
+    def on_fit_start(self, state: trainers.State) -> None:
+        # A retry resumed from its predecessor's checkpoint carries the epochs already trained:
+        # report them once on this trial so its curve is whole and the pruner sees every step.
+        if state.resumed:
+            for epoch, metrics in enumerate(state.history):
+                outage.persist(partial(self.trial.report, metrics[self.metric], step=epoch), "reporting", self.patience)
+            outage.persist(partial(self.trial.set_user_attr, "hpo:resumed_at_epoch", len(state.history)), "reporting", self.patience)
+
+    def on_validation_end(self, state: trainers.State) -> None:
+        value = state.metrics[self.metric]
+        outage.persist(partial(self.trial.report, value, step=state.epoch), "reporting an epoch", self.patience)
+        if outage.persist(self.trial.should_prune, "asking the pruner", self.patience):
+            raise optuna.TrialPruned(f"pruned at epoch {state.epoch} ({self.metric}={state.metrics[self.metric]:.6g})")
+
+
+def trial_seed(config: Config, number: int) -> int | None:
+    """Seeds weight init and data order: distinct per trial, reproducible per study."""
+    base = config.trainer.seed if config.trainer.seed is not None else config.study.seed
+    return None if base is None else base + number
+
+
+def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int | None = None) -> list[float]:
+    """Trains one trial; returns the objective values. Raises `optuna.TrialPruned` when pruned."""
+    params = space_mod.suggest(trial, config.space)
+    seed = trial_seed(config, trial.number)
+    if seed is not None:
+        torch.manual_seed(seed)
+    # A retry after running out of memory carries a smaller batch size.
+    batch_size = trial.user_attrs.get("hpo:batch_size", config.trainer.batch_size)
+    trainer_config = dataclasses.replace(config.trainer, seed=seed, threads=threads or config.trainer.threads, batch_size=batch_size)
+    # One checkpoint and log directory per trial (a shared one would make trials resume each
+    # other); a retry uses its original's, so it resumes from the last checkpoint written there.
+    run = trial.user_attrs.get("hpo:resume_from", trial.number)
+    per_trial = {key: os.path.join(value, config.study.name, f"trial-{run}")
+                 for key in ("checkpoint_dir", "log_dir") if (value := getattr(trainer_config, key))}
+    trainer_config = dataclasses.replace(trainer_config, **per_trial)
+    data = task.data(params)
+    model = task.model(params, data)
+    patience = config.study.storage_patience
+    callbacks = [PruningCallback(trial, config.study.metrics[0], patience)] if len(config.study.metrics) == 1 else []
+    state = trainers.fit(
+        model,
+        data,
+        trainer_config,
+        callbacks,
+        hparams=params,
+        kind=config.task.kind,
+        train_step=task.train_step,
+        eval_step=task.eval_step,
+    )
+    outage.persist(partial(trial.set_user_attr, "hpo:metrics", state.metrics), "recording metrics", patience)
+    missing = [m for m in config.study.metrics if m not in state.metrics]
+    if missing:
+        raise KeyError(f"the loop did not report {', '.join(missing)} (it reported {', '.join(state.metrics)})")
+    return [state.metrics[m] for m in config.study.metrics]
+
+
+def _n_params(fn: Callable) -> int:
+    try:
+        return len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return 1

@@ -1,0 +1,94 @@
+"""Several workers on one machine: one process per slot (a GPU, a share of a GPU, or a CPU job),
+pinned with CUDA_VISIBLE_DEVICES, restarted when it crashes, all stopped together on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+
+class SupervisorError(ValueError):
+    """One line for the user."""
+
+
+@dataclass
+class Slot:
+    index: int
+    device: str | None  # the CUDA_VISIBLE_DEVICES value, None for a CPU worker
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+
+
+def slots(gpus: str | None, per_gpu: int, jobs: int | None) -> list[Slot]:
+    """``--gpus 0,1`` or ``all`` (times ``--per-gpu``), else ``--jobs`` CPU workers."""
+    if gpus is None:
+        return [Slot(i, None) for i in range(jobs or 1)]
+    if gpus == "all":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise SupervisorError("--gpus all: no GPU is visible here (use --jobs J for CPU workers)")
+        ids = [str(i) for i in range(count)]
+    else:
+        ids = [g.strip() for g in gpus.split(",") if g.strip()]
+        if not ids or not all(g.isdigit() for g in ids):
+            raise SupervisorError(f"--gpus {gpus!r}: expected a comma-separated list of GPU numbers, or all")
+    return [Slot(i, gpu) for i, (gpu, _) in enumerate((g, k) for g in ids for k in range(per_gpu))]
+
+
+def supervise(
+    study: str, storage_url: str, workers: list[Slot], *, first_index: int = 0, threads: int | None = None,
+    max_restarts: int = 5,
+) -> int:
+    """Runs one `hpo worker` per slot until all have exited; returns the exit code for the shell.
+
+    A worker that exits 0 (budget spent) or 130 (Ctrl-C) is done; one that crashes (killed,
+    out of memory, an exit code other than those) is restarted, up to `max_restarts` times,
+    and its trial is picked up through the heartbeat like any lost trial.
+    """
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.append(signum)
+        for slot in workers:
+            if slot.process is not None and slot.process.poll() is None:
+                slot.process.send_signal(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for slot in workers:
+            _start(slot, study, storage_url, first_index, threads)
+        while any(slot.process is not None for slot in workers):
+            time.sleep(0.2)
+            for slot in workers:
+                code = slot.process.poll() if slot.process is not None else None
+                if code is None:
+                    continue
+                slot.process = None
+                if code not in (0, 130) and not stopping and slot.restarts < max_restarts:
+                    slot.restarts += 1
+                    print(f"hpo: worker {slot.index} exited with {code}; restarting it ({slot.restarts}/{max_restarts})",
+                          file=sys.stderr, flush=True)
+                    _start(slot, study, storage_url, first_index, threads)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stopping:
+        return 130 if stopping[0] == signal.SIGINT else 0
+    return 0
+
+
+def _start(slot: Slot, study: str, storage_url: str, first_index: int, threads: int | None) -> None:
+    env = dict(os.environ)
+    if slot.device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot.device
+    command = [sys.executable, "-m", "hpo", "worker", "--study", study, "--storage", storage_url,
+               "--worker-index", str(first_index + slot.index)]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    slot.process = subprocess.Popen(command, env=env)

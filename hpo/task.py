@@ -1,0 +1,53 @@
+"""The user's code: model and data factories named as ``package.module:function``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class TaskImportError(ValueError):
+    pass
+
+
+def importable_from(*directories: str) -> None:
+    """Lets ``module:function`` paths resolve against these directories (the study file's folder,
+    the working directory), as ``python -m`` would for a script beside them."""
+    for directory in reversed(directories):
+        directory = os.path.abspath(directory)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+
+
+def load_callable(path: str) -> Callable[..., Any]:
+    """Imports ``package.module:function``; raises `TaskImportError` with one-line reasons."""
+    if not isinstance(path, str) or not _PATH.match(path):
+        raise TaskImportError(f"{path!r} is not of the form package.module:function")
+    module_name, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as err:  # any error in user code at import time means the same thing here
+        raise TaskImportError(f"cannot import {module_name} ({type(err).__name__}: {err})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise TaskImportError(f"{module_name} has no attribute {attr}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TaskImportError(f"{path} is not callable")
+    return obj
+
+
+def takes_params(fn: Callable[..., Any]) -> bool:
+    """A data factory without parameters is called once per worker and its result reused."""
+    import inspect
+
+    try:
+        return bool(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return True

@@ -1,0 +1,219 @@
+"""Per-epoch cost of `trainers` against a hand-written loop, PyTorch Lightning and PyTorch Ignite.
+
+Same MLP (64-128-128-10, ReLU) on scikit-learn's digits (1,347 train / 450 val), batch 64, Adam
+1e-3, seed 0, one CPU thread. Each framework runs in its own subprocess (one process tree, the
+frameworks interleaved round by round so that machine noise hits them alike); in each, after a
+warm-up fit, fits of `--short` and `--long` epochs are timed, and the marginal cost per epoch is
+(t_long - t_short) / (long - short): imports, model build and one-time setup cancel out.
+The table gives the best round (noise from other processes only adds time) and the median.
+Every epoch validates (loss and accuracy) and reads the metrics once.
+
+    python scripts/bench_loop.py                    # all four, 5 rounds
+    python scripts/bench_loop.py --rounds 3 --frameworks plain trainers
+
+`trainers` runs with ``last.pt`` written every epoch (atomic, fsync'ed); Lightning with its default
+checkpointing (last epoch), no progress bar or logger; Ignite with no checkpoint. Lightning and
+Ignite take a DataLoader over a TensorDataset, the way their documentation feeds tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BATCH, LR, SEED = 64, 1e-3, 0
+
+
+def digits():
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_val, y_train, y_val = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    mean, std = x_train.mean(0), x_train.std(0)
+    std[std == 0] = 1.0  # constant pixels stay constant rather than blowing up the validation set
+    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
+    return f(x_train), torch.tensor(y_train), f(x_val), torch.tensor(y_val)
+
+
+def mlp():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(SEED)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def run_plain(epochs: int, data, workdir: str) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    x, y, xv, yv = data
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    generator = torch.Generator().manual_seed(SEED)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        total = torch.zeros(())
+        for i in range(0, len(x), BATCH):
+            index = order[i : i + BATCH]
+            loss = F.cross_entropy(model(x[index]), y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+        model.eval()
+        with torch.no_grad():
+            logits = model(xv)
+            metrics = torch.stack([F.cross_entropy(logits, yv), (logits.argmax(1) == yv).float().mean(), total]).tolist()
+    assert metrics
+    return time.perf_counter() - start
+
+
+def run_trainers(epochs: int, data, workdir: str) -> float:
+    import trainers
+
+    x, y, xv, yv = data
+    config = trainers.TrainerConfig(epochs=epochs, batch_size=BATCH, lr=LR, seed=SEED, device="cpu",
+                                    checkpoint_dir=f"{workdir}/trainers-{epochs}", save_best=False, resume=False)
+    model = mlp()
+    start = time.perf_counter()
+    trainers.fit(model, trainers.Data((x, y), (xv, yv)), config)
+    return time.perf_counter() - start
+
+
+def run_lightning(epochs: int, data, workdir: str) -> float:
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y, xv, yv = data
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def validation_step(self, batch, _):
+            logits = self.net(batch[0])
+            self.log("val_loss", F.cross_entropy(logits, batch[1]))
+            self.log("val_accuracy", (logits.argmax(1) == batch[1]).float().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=LR)
+
+    L.seed_everything(SEED, verbose=False)
+    train = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+    val = DataLoader(TensorDataset(xv, yv), batch_size=len(xv))
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=f"{workdir}/lightning-{epochs}")
+    module = Module()
+    start = time.perf_counter()
+    trainer.fit(module, train, val)
+    return time.perf_counter() - start
+
+
+def run_ignite(epochs: int, data, workdir: str) -> float:
+    import torch
+    import torch.nn.functional as F
+    from ignite.engine import Events, create_supervised_evaluator, create_supervised_trainer
+    from ignite.metrics import Accuracy, Loss
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y, xv, yv = data
+    torch.manual_seed(SEED)
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    trainer = create_supervised_trainer(model, optimizer, F.cross_entropy)
+    evaluator = create_supervised_evaluator(model, metrics={"accuracy": Accuracy(), "loss": Loss(F.cross_entropy)})
+    val = DataLoader(TensorDataset(xv, yv), batch_size=len(xv))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: evaluator.run(val))
+    train = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+    start = time.perf_counter()
+    trainer.run(train, max_epochs=epochs)
+    return time.perf_counter() - start
+
+
+RUNNERS = {"plain": run_plain, "trainers": run_trainers, "lightning": run_lightning, "ignite": run_ignite}
+
+
+def worker(framework: str, short: int, long: int) -> None:
+    """One subprocess: warm up, then time a short and a long fit; prints JSON."""
+    import logging
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    data = digits()
+    with tempfile.TemporaryDirectory() as workdir:
+        run = RUNNERS[framework]
+        run(1, data, workdir + "/warm")
+        t_short, t_long = run(short, data, workdir), run(long, data, workdir)
+    print(json.dumps({"framework": framework, "per_epoch": (t_long - t_short) / (long - short)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--short", type=int, default=5)
+    parser.add_argument("--long", type=int, default=35)
+    parser.add_argument("--frameworks", nargs="+", default=list(RUNNERS), choices=list(RUNNERS))
+    parser.add_argument("--worker", choices=list(RUNNERS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.short, args.long)
+        return
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    import os
+
+    results: dict[str, list[float]] = {name: [] for name in args.frameworks}
+    for round_ in range(args.rounds):
+        for name in args.frameworks:
+            out = subprocess.run([sys.executable, __file__, "--worker", name, "--short", str(args.short),
+                                  "--long", str(args.long)], capture_output=True, text=True,
+                                 env={**os.environ, **env}, check=False)
+            if out.returncode != 0:
+                print(f"{name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                results.pop(name, None)
+                continue
+            if name in results:
+                results[name].append(json.loads(out.stdout.strip().splitlines()[-1])["per_epoch"])
+        print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
+    import torch
+
+    versions = {"torch": torch.__version__}
+    for module, name in (("lightning", "lightning"), ("ignite", "pytorch-ignite")):
+        try:
+            versions[name] = __import__(module).__version__
+        except ImportError:
+            pass
+    print(f"\nper-epoch cost, median of {args.rounds} rounds, epochs {args.short}->{args.long}, 1 CPU thread "
+          f"({', '.join(f'{k} {v}' for k, v in versions.items())})\n")
+    # Noise from other processes only ever adds time, so the fastest round is the cleanest estimate.
+    base = results.get("plain")
+    print("| loop | ms / epoch (best round) | x hand-written (best) | ms / epoch (median) | x hand-written (median) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, times in results.items():
+        best, median = min(times), statistics.median(times)
+        ratio_best = f"{best / min(base):.2f}x" if base else "-"
+        ratio_median = f"{median / statistics.median(base):.2f}x" if base else "-"
+        print(f"| {name} | {best * 1e3:.2f} | {ratio_best} | {median * 1e3:.2f} | {ratio_median} |")
+
+
+if __name__ == "__main__":
+    main()

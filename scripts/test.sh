@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs hpo's test suite in ./.venv, installing what the tests need first (CPU build of torch).
+# Redis and PostgreSQL tests use HPO_TEST_REDIS_URL / HPO_TEST_POSTGRES_URL, or start private
+# servers from redis-server / initdb on PATH; MySQL tests use HPO_TEST_MYSQL_URL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+pip install -q --disable-pip-version-check torch==2.13.0 -e '.[all,dev,tensorboard,onnx,mlflow]'
+exec python -m pytest "$@"

@@ -1,0 +1,207 @@
+"""The study file: every kind of mistake is one line with the right line number."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import DIGITS_YAML, ROOT, hpo
+
+from hpo.config import ConfigError, config_from_dict, load_config
+
+VALID = """\
+study:
+  name: s
+  direction: maximize
+  metric: val_accuracy
+  n_trials: 5
+  sampler: tpe
+  pruner: median
+trainer:
+  epochs: 2
+task:
+  model: hpo.examples.tabular:mlp
+  data: hpo.examples.tabular:wine
+space:
+  lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}
+  optimizer:
+    type: categorical
+    choices:
+      adam:
+        beta1: {type: float, low: 0.8, high: 0.99}
+      sgd:
+        momentum: {type: float, low: 0.5, high: 0.99}
+"""
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "study.yaml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    return [str(p).replace(str(path), "FILE") for p in info.value.problems]
+
+
+def with_line(text: str, line: int, new: str) -> str:
+    lines = VALID.splitlines()
+    lines[line - 1] = new
+    return "\n".join(lines) + "\n"
+
+
+def test_valid_file_loads_and_round_trips_through_the_stored_dict(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(VALID)
+    config = load_config(str(path))
+    again = config_from_dict(json.loads(json.dumps(config.raw)), "stored")
+    assert again.fingerprint() == config.fingerprint()
+    assert again.study == config.study and again.trainer == config.trainer and again.space == config.space
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_study_files_are_valid(path: Path) -> None:
+    assert load_config(str(path)).study.n_trials
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
+    assert problems(tmp_path, with_line(VALID, 5, "  n_trails: 5")) == [
+        "FILE:5: study.n_trails: unknown key; did you mean n_trials? "
+        "(expected one of direction, directions, grace_period, heartbeat_interval, max_retries, metric, metrics, "
+        "n_trials, name, oom_retries, pruner, sampler, seed, storage_patience, timeout)"
+    ]
+
+
+def test_unknown_section_and_unknown_parameter_key(tmp_path: Path) -> None:
+    text = VALID + "trainr:\n  epochs: 3\n"
+    text = text.replace("log: true}", "lg: true}")
+    found = problems(tmp_path, text)
+    assert found[0].startswith("FILE:14: space.lr.lg: unknown key for a float parameter; did you mean log?")
+    assert found[1].startswith("FILE:22: trainr: unknown key; did you mean trainer?")
+
+
+def test_wrong_types(tmp_path: Path) -> None:
+    text = VALID.replace("n_trials: 5", "n_trials: many").replace("epochs: 2", "epochs: two")
+    found = problems(tmp_path, text)
+    assert found == [
+        "FILE:5: study.n_trials: 'many' is not an integer >= 1 (expected an integer >= 1)",
+        "FILE:9: trainer.epochs: 'two' is not int (expected int)",
+    ]
+
+
+def test_low_not_below_high(tmp_path: Path) -> None:
+    found = problems(tmp_path, with_line(VALID, 14, "  lr: {type: float, low: 0.1, high: 0.01}"))
+    assert found == ["FILE:14: space.lr.low: low 0.1 is not below high 0.01 (expected low < high)"]
+
+
+def test_log_scale_with_non_positive_low(tmp_path: Path) -> None:
+    found = problems(tmp_path, with_line(VALID, 14, "  lr: {type: float, low: 0, high: 0.1, log: true}"))
+    assert found == ["FILE:14: space.lr.low: log scale needs low > 0, got 0 (expected a positive low)"]
+
+
+def test_step_that_does_not_divide_the_range(tmp_path: Path) -> None:
+    found = problems(tmp_path, with_line(VALID, 14, "  lr: {type: int, low: 1, high: 10, step: 4}"))
+    assert found == [
+        "FILE:14: space.lr.step: step 4 does not divide the range 1..10 (expected (high - low) to be a multiple of step)"
+    ]
+
+
+def test_empty_choices(tmp_path: Path) -> None:
+    found = problems(tmp_path, with_line(VALID, 14, "  lr: {type: categorical, choices: []}"))
+    assert found == ["FILE:14: space.lr.choices: no choices (expected at least one)"]
+
+
+def test_missing_type_is_not_mistaken_for_a_group(tmp_path: Path) -> None:
+    found = problems(tmp_path, with_line(VALID, 14, "  lr: {low: 0.1, high: 1.0}"))
+    assert found == ["FILE:14: space.lr: has high, low but no type (expected type: float, int, categorical or fixed)"]
+
+
+def test_unknown_sampler_pruner_and_option(tmp_path: Path) -> None:
+    text = VALID.replace("sampler: tpe", "sampler: {name: tpee}").replace(
+        "pruner: median", "pruner: {name: median, options: {n_warmup: 2}}"
+    )
+    found = problems(tmp_path, text)
+    assert found[0].startswith("FILE:6: study.sampler.name: unknown sampler 'tpee'; did you mean tpe?")
+    assert found[1].startswith("FILE:7: study.pruner.options.n_warmup: median has no option 'n_warmup'; did you mean n_warmup_steps?")
+
+
+def test_option_value_rejected_by_the_library(tmp_path: Path) -> None:
+    found = problems(tmp_path, VALID.replace("pruner: median", "pruner: {name: percentile, options: {percentile: 150}}"))
+    assert len(found) == 1 and found[0].startswith("FILE:7: study.pruner.options: percentile rejects these options:")
+
+
+def test_factory_that_does_not_import(tmp_path: Path) -> None:
+    text = VALID.replace("hpo.examples.tabular:mlp", "no_such_module:mlp").replace(
+        "hpo.examples.tabular:wine", "hpo.examples.tabular:nope"
+    )
+    assert problems(tmp_path, text) == [
+        "FILE:11: task.model: cannot import no_such_module (ModuleNotFoundError: No module named 'no_such_module') "
+        "(expected an importable package.module:function)",
+        "FILE:12: task.data: hpo.examples.tabular has no attribute nope (expected an importable package.module:function)",
+    ]
+
+
+def test_metric_the_task_does_not_report(tmp_path: Path) -> None:
+    assert problems(tmp_path, VALID.replace("metric: val_accuracy", "metric: val_acc")) == [
+        "FILE:4: study.metric: the task does not report 'val_acc'; did you mean val_accuracy? "
+        "(expected one of train_loss, val_loss, val_accuracy, val_top5_accuracy, val_f1)"
+    ]
+
+
+def test_duplicate_parameter_names_across_branches(tmp_path: Path) -> None:
+    text = VALID.replace("momentum: {type: float, low: 0.5, high: 0.99}", "beta1: {type: float, low: 0.5, high: 0.99}")
+    assert problems(tmp_path, text) == [
+        "FILE:21: space.optimizer.choices.sgd.beta1: parameter optimizer.beta1 is defined in more than one branch, "
+        "also at space.optimizer.choices.adam.beta1 (expected unique names: move it out of the branches or rename it)"
+    ]
+
+
+def test_several_errors_are_reported_at_once_in_line_order(tmp_path: Path) -> None:
+    text = VALID.replace("direction: maximize", "direction: up").replace("epochs: 2", "epochs: 0")
+    text = text.replace("low: 0.8, high: 0.99", "low: 0.99, high: 0.8")
+    found = problems(tmp_path, text)
+    assert [f.split(":")[1] for f in found] == ["3", "9", "19"]
+
+
+def test_yaml_syntax_error_names_its_line(tmp_path: Path) -> None:
+    found = problems(tmp_path, "study:\n  name: [unclosed\ntask: {}\n")
+    assert len(found) == 1 and found[0].startswith("FILE:3: invalid YAML:")
+
+
+def test_duplicate_key(tmp_path: Path) -> None:
+    found = problems(tmp_path, VALID.replace("  n_trials: 5\n", "  n_trials: 5\n  n_trials: 6\n"))
+    assert found == ["FILE:6: study.n_trials: key given twice (expected each key once)"]
+
+
+def test_multi_objective_cannot_prune(tmp_path: Path) -> None:
+    text = VALID.replace("direction: maximize", "directions: [maximize, minimize]").replace(
+        "metric: val_accuracy", "metrics: [val_accuracy, val_loss]"
+    )
+    assert problems(tmp_path, text) == ["FILE:7: study.pruner: Optuna cannot prune multi-objective trials (expected pruner: none)"]
+
+
+def test_baseline_outside_the_space(tmp_path: Path) -> None:
+    text = VALID + "baseline:\n  - {lr: 5.0, optimizer: {name: rmsprop}}\n"
+    assert problems(tmp_path, text) == [
+        "FILE:23: baseline[0].lr: 5.0 is outside the parameter's range (expected 0.0001..0.1 log)",
+        "FILE:23: baseline[0].optimizer: 'rmsprop' is not a choice (expected one of adam, sgd)",
+    ]
+
+
+def test_check_command_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(VALID.replace("n_trials: 5", "n_trials: -1").replace("epochs: 2", "epochs: x"))
+    result = hpo("check", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"{path}:5: study.n_trials: -1 is not an integer >= 1 (expected an integer >= 1)",
+        f"{path}:9: trainer.epochs: 'x' is not int (expected int)",
+    ]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_check_command_accepts_the_shipped_study() -> None:
+    result = hpo("check", str(DIGITS_YAML))
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout

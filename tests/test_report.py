@@ -1,0 +1,130 @@
+"""`hpo report` (one offline page) and `hpo status` (warning line, --json, --watch)."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import re
+
+import pytest
+from inspect_studies import hand_trials, hpo, stored_hand_study, write_yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo import coordinator, html_report, live, plots
+from hpo.config import load_config
+from hpo.storage import open_storage
+
+
+@pytest.fixture(scope="module")
+def journal(tmp_path_factory) -> str:
+    return stored_hand_study(tmp_path_factory.mktemp("report"))
+
+
+@pytest.fixture(scope="module")
+def page(journal, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("out")
+    proc = hpo("report", "--storage", journal, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote {out / 'hand.html'}"
+    return (out / "hand.html").read_text()
+
+
+def test_report_is_one_offline_page_readable_on_a_phone(page):
+    assert page.startswith("<!DOCTYPE html>")
+    assert '<meta name=viewport content="width=device-width, initial-scale=1">' in page
+    assert re.search(r"<script[^>]*\bsrc=", page) is None and re.search(r"<link[^>]*\bhref=", page) is None
+    assert page.count("Plotly.newPlot") == len(plots.KINDS) - 1  # every kind but the Pareto front of a 1-objective study
+    assert "max-width:1100px" in page and "overflow-x:auto" in page
+
+
+def test_report_has_summary_best_trial_top_table_and_config(page):
+    assert "<h1>Study hand</h1>" in page
+    assert "<td>complete</td><td>5</td>" in page and "<td>pruned</td><td>2</td>" in page
+    assert "Best trial #4" in page and "momentum: 0.86" in page
+    assert "Top 5 trials" in page
+    assert "n_warmup_steps: 0" in page  # the stored config
+
+
+def test_report_has_waste_and_reliability_with_the_warning(page):
+    assert "<tr><td class=l>pruned</td><td>2</td><td>3.0</td><td>13%</td></tr>" in page
+    assert "<b>28.5 s</b>" in page and "saved 5.0 s" in page
+    assert "<tr><td>0</td><td>5</td><td>0.00</td><td>0.20</td><td>1</td><td>1</td></tr>" in page
+    assert page.count("class=warn") == 2 and "early rungs do not predict the end" in page
+
+
+def test_report_to_a_named_file(journal, tmp_path):
+    out = tmp_path / "sub" / "r.html"
+    assert hpo("report", "--storage", journal, "--out", str(out)).returncode == 0
+    assert out.stat().st_size > 1_000_000
+
+
+def test_report_of_a_study_without_completed_trials_says_so(tmp_path):
+    storage = open_storage(str(tmp_path / "early.journal"))
+    created = coordinator.create(load_config(str(write_yaml(tmp_path, "early"))), storage)
+    created.study.add_trials([t for t in hand_trials() if t.state.name != "COMPLETE"])
+    study, config = coordinator.load("early", storage)
+    page = html_report.build(study, config)
+    assert "No completed trial yet" in page
+    assert "importance: study &#x27;early&#x27; has no completed trial yet" in page
+    assert page.count("Plotly.newPlot") == 2  # learning curves and timeline still draw
+
+
+def test_status_prints_the_reliability_warning(journal):
+    proc = hpo("status", "--storage", journal)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2 and "early rungs do not predict the end" in warnings[0]
+
+
+def test_status_json_is_machine_readable(journal):
+    proc = hpo("status", "--json", "--storage", journal)
+    data = json.loads(proc.stdout)
+    assert data["counts"]["COMPLETE"] == 5 and data["counts"]["PRUNED"] == 2
+    assert data["best"][0]["number"] == 4 and data["best"][0]["values"] == [0.9]
+    assert data["done"] is True and data["running"] == []
+    assert data["trials_per_minute"] == pytest.approx(8 / (70.5 / 60), rel=1e-3)  # 8 trials over 70.5 s
+    assert len(data["warnings"]) == 2
+
+
+def test_best_and_studies_json(journal):
+    best = json.loads(hpo("best", "--json", "--storage", journal).stdout)
+    assert best[0]["number"] == 4
+    studies = json.loads(hpo("studies", "--json", "--storage", journal).stdout)
+    assert studies == [{"study": "hand", "trials": 8, "directions": ["maximize"], "best": [0.9]}]
+
+
+def test_status_watch_stops_by_itself_once_the_study_is_done(journal):
+    proc = hpo("status", "--watch", "--interval", "0.1", "--storage", journal, timeout=60)
+    assert proc.returncode == 0
+    assert proc.stdout.count("study hand:") == 1 and "study done" in proc.stdout
+
+
+def _running(number: int, steps: list[float], worker: str) -> FrozenTrial:
+    start = datetime.datetime.now() - datetime.timedelta(seconds=30)
+    return FrozenTrial(number=number, state=TrialState.RUNNING, value=None, datetime_start=start, datetime_complete=None,
+                       params={}, distributions={}, user_attrs={"hpo:worker": worker}, system_attrs={},
+                       intermediate_values=dict(enumerate(steps)), trial_id=number)
+
+
+def test_live_view_shows_running_trials_with_epoch_and_latest_metric(tmp_path):
+    storage = open_storage(str(tmp_path / "live.journal"))
+    created = coordinator.create(load_config(str(write_yaml(tmp_path, "live", n_trials=20))), storage)
+    created.study.add_trials(hand_trials() + [_running(8, [0.3, 0.45], "w3")])
+    study, config = coordinator.load("live", storage)
+    snap = live.snapshot(study, config)
+    assert snap["running"] == [{"number": 8, "worker": "w3", "epoch": 1, "latest": 0.45, "seconds": pytest.approx(30, abs=5)}]
+    assert snap["done"] is False
+    out = io.StringIO()
+    live.watch(lambda: live.snapshot(study, config), interval=0, out=out, max_frames=2)
+    frames = out.getvalue()
+    assert frames.count("study live: 8/20 trials finished") == 2
+    assert "#8    w3: epoch 1, val_accuracy 0.4500" in frames
+    assert "best so far: trial #4: val_accuracy 0.9000" in frames
+
+
+def test_status_never_shows_a_storage_password():
+    url = "redis://:s3cret-pw@127.0.0.1:1/0"
+    proc = hpo("status", "--json", "--storage", url)
+    assert proc.returncode == 2 and "s3cret-pw" not in proc.stdout + proc.stderr
+

@@ -1,0 +1,150 @@
+"""Storage URLs: each scheme opens the right storage; no password ever reaches the user."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import _free_port, _wait_port, hpo, study_file
+from optuna.storages import JournalStorage, RDBStorage
+
+from hpo.storage import StorageError, open_storage, redact, resolve_url
+
+SECRET = "Tr0ub4dor-and-3"
+
+
+def with_password(url: str, password: str = SECRET) -> str:
+    scheme, _, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    user = userinfo.split(":")[0] if at else ""
+    return f"{scheme}://{user}:{password}@{host if at else rest}"
+
+
+def roundtrip(storage) -> None:
+    study = optuna.create_study(storage=storage, study_name="roundtrip")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(optuna.load_study(study_name="roundtrip", storage=storage).trials) == 2
+
+
+def test_default_is_an_embedded_journal_file_in_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HPO_STORAGE", raising=False)
+    assert resolve_url(None) == "hpo.journal"
+    storage = open_storage(None)
+    assert isinstance(storage, JournalStorage)
+    roundtrip(storage)
+    assert (tmp_path / "hpo.journal").exists()
+
+
+def test_hpo_storage_env_var_sets_the_default(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HPO_STORAGE", str(tmp_path / "elsewhere.journal"))
+    roundtrip(open_storage(None))
+    assert (tmp_path / "elsewhere.journal").exists()
+
+
+def test_sqlite_url_is_an_rdb_storage(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db")
+    assert isinstance(storage, RDBStorage)
+    roundtrip(storage)
+
+
+def test_redis_url_is_a_journal_with_optunas_key_layout(redis_url: str) -> None:
+    import redis
+
+    storage = open_storage(redis_url)
+    assert isinstance(storage, JournalStorage)
+    roundtrip(storage)
+    client = redis.Redis.from_url(redis_url)
+    assert client.exists(":log_number")  # Optuna's own backend (no prefix) reads this key
+
+
+def test_redis_prefix_from_the_url(redis_url: str) -> None:
+    import redis
+
+    roundtrip(open_storage(redis_url + "?prefix=teamA"))
+    assert redis.Redis.from_url(redis_url).exists("teamA:log_number")
+
+
+def test_postgresql_url_is_an_rdb_storage(postgres_url: str) -> None:
+    storage = open_storage(postgres_url)
+    assert isinstance(storage, RDBStorage)
+    roundtrip(storage)
+
+
+def test_mysql_url_is_an_rdb_storage(mysql_url: str) -> None:
+    storage = open_storage(mysql_url)
+    assert isinstance(storage, RDBStorage)
+    roundtrip(storage)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("ftp://host/x", "unknown storage scheme ftp:// in ftp://host/x (expected redis://, postgresql://, mysql://, sqlite:/// or a journal file path)"),
+        ("/no/such/folder/h.journal", "cannot create journal file /no/such/folder/h.journal: folder /no/such/folder does not exist"),
+        ("redis://127.0.0.1:1/0", "cannot reach Redis at redis://127.0.0.1:1/0"),
+        ("postgresql://postgres@127.0.0.1:1/x", "cannot connect to postgresql://postgres@127.0.0.1:1/x"),
+    ],
+)
+def test_bad_urls_are_one_clear_line(url: str, expected: str) -> None:
+    with pytest.raises(StorageError) as info:
+        open_storage(url)
+    assert str(info.value).startswith(expected)
+    assert "\n" not in str(info.value)
+
+
+def test_redact_hides_only_the_password() -> None:
+    assert redact(f"postgresql://bob:{SECRET}@db:5432/hpo") == "postgresql://bob:***@db:5432/hpo"
+    assert redact(f"redis://:{SECRET}@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert redact("redis://cache:6379/0") == "redis://cache:6379/0"
+
+
+@pytest.mark.parametrize("url", [f"postgresql://bob:{SECRET}@127.0.0.1:1/x", f"redis://:{SECRET}@127.0.0.1:1/0", f"mysql://root:{SECRET}@127.0.0.1:1/x"])
+def test_password_absent_from_errors_and_logs(url: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(StorageError) as info:
+        open_storage(url)
+    captured = capsys.readouterr()
+    assert SECRET not in str(info.value) and "***" in str(info.value)
+    assert SECRET not in caplog.text + captured.out + captured.err
+
+
+def test_password_absent_from_cli_errors() -> None:
+    result = hpo("status", "--study", "x", "--storage", f"redis://:{SECRET}@127.0.0.1:1/0")
+    assert result.returncode == 2
+    assert result.stderr.startswith("hpo: error: cannot reach Redis at redis://:***@127.0.0.1:1/0")
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_wrong_redis_password_is_one_line_without_the_password(tmp_path: Path) -> None:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not on PATH")
+    port = _free_port()
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--requirepass", "right-one", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        assert _wait_port(port)
+        result = hpo("studies", "--storage", f"redis://:{SECRET}@127.0.0.1:{port}/0")
+        assert result.returncode == 2
+        assert result.stderr.startswith(f"hpo: error: Redis at redis://:***@127.0.0.1:{port}/0 refused the credentials")
+        assert SECRET not in result.stdout + result.stderr
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_password_absent_from_a_whole_study_run_on_postgres(postgres_url: str, tmp_path: Path) -> None:
+    # The local server trusts loopback, so any password gets in: the study runs with it in the URL.
+    url = with_password(postgres_url)
+    path = study_file(tmp_path, "secret-pg", study={"n_trials": 2}, trainer={"epochs": 1})
+    outputs = []
+    for args in (["create", str(path)], ["worker", "--study", "secret-pg"], ["status", "--study", "secret-pg"], ["best", "--study", "secret-pg"], ["studies"]):
+        result = hpo(*args, "--storage", url)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout + result.stderr)
+    assert SECRET not in "".join(outputs)
+    assert "***" in outputs[0]

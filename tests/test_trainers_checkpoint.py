@@ -1,0 +1,147 @@
+"""Checkpoints: exact resume, atomic writes, weights_only loading, best and last."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import trainers
+from trainers import checkpoint
+
+
+def make_data() -> trainers.Data:
+    g = torch.Generator().manual_seed(0)
+    x, xv = torch.randn(192, 8, generator=g), torch.randn(64, 8, generator=g)
+    w = torch.randn(8, 3, generator=g)
+    return trainers.Data((x, (x @ w).argmax(1)), (xv, (xv @ w).argmax(1)))
+
+
+def make_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt:
+    """Simulates a killed worker: raises when the given epoch starts."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, state: trainers.State) -> None:
+        if state.epoch == self.epoch:
+            raise Crash
+
+
+def config(directory: Path, **overrides: object) -> trainers.TrainerConfig:
+    settings = dict(epochs=6, batch_size=32, seed=7, device="cpu", checkpoint_dir=str(directory),
+                    scheduler={"name": "cosine", "warmup_steps": 5}, early_stopping_patience=100,
+                    monitor="val_accuracy", optimizer="adamw", weight_decay=0.01)
+    return trainers.TrainerConfig(**{**settings, **overrides})
+
+
+def test_resumed_run_continues_bit_for_bit_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    straight_model = make_model(0)
+    straight = trainers.fit(straight_model, make_data(), config(tmp_path / "straight"))
+
+    with pytest.raises(Crash):
+        trainers.fit(make_model(0), make_data(), config(tmp_path / "resumed"), [CrashAt(3)])
+    assert checkpoint.load(tmp_path / "resumed" / "last.pt")["epoch"] == 2
+    # A fresh process would build the model from another RNG state: the checkpoint must not care.
+    torch.manual_seed(12345)
+    resumed_model = make_model(99)
+    resumed = trainers.fit(resumed_model, make_data(), config(tmp_path / "resumed"))
+
+    assert resumed.resumed and not straight.resumed
+    assert resumed.history == straight.history
+    assert resumed.global_step == straight.global_step
+    for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.callbacks[0].state_dict() == straight.callbacks[0].state_dict()  # early stopping
+
+
+def test_early_stopping_counters_survive_a_resume(tmp_path: Path) -> None:
+    # min_delta so large that only the first epoch counts as an improvement: stop after epoch 4.
+    settings = dict(early_stopping_patience=4, early_stopping_min_delta=10.0, monitor="val_loss")
+    straight = trainers.fit(make_model(0), make_data(), config(tmp_path / "straight", **settings))
+    with pytest.raises(Crash):
+        trainers.fit(make_model(0), make_data(), config(tmp_path / "resumed", **settings), [CrashAt(3)])
+    resumed = trainers.fit(make_model(0), make_data(), config(tmp_path / "resumed", **settings))
+    assert len(straight.history) == len(resumed.history) == 5
+    assert resumed.stop_reason == straight.stop_reason
+    assert resumed.stop_reason.startswith("early stopping: val_loss did not improve")
+
+
+def test_resume_restores_a_stopped_run_without_training_more(tmp_path: Path) -> None:
+    first = trainers.fit(make_model(0), make_data(), config(tmp_path, epochs=2))
+    again = trainers.fit(make_model(0), make_data(), config(tmp_path, epochs=2), [CrashAt(0)])
+    assert again.resumed and again.history == first.history and again.metrics == first.metrics
+
+
+def test_best_checkpoint_holds_the_epoch_with_the_best_monitored_metric(tmp_path: Path) -> None:
+    state = trainers.fit(make_model(0), make_data(), config(tmp_path, monitor="val_loss"))
+    best = checkpoint.load(tmp_path / "best.pt")
+    losses = [row["val_loss"] for row in state.history]
+    assert best["epoch"] == losses.index(min(losses)) == state.best_epoch
+    assert best["metrics"]["val_loss"] == min(losses)
+
+
+def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
+    trainers.fit(make_model(0), make_data(), config(tmp_path, epochs=1, precision="fp16-mixed"))
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "schedule", "scaler", "rng", "callbacks", "global_step"} <= set(payload)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainers.fit(make_model(0), make_data(), config(tmp_path, epochs=1))
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def interrupted_fsync(fd: int) -> None:
+        os.truncate(fd, 100)  # half a file written, then the interrupt
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.os, "fsync", interrupted_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        trainers.fit(make_model(0), make_data(), config(tmp_path, epochs=2))
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_process_killed_mid_write_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import os, torch, trainers
+        from trainers import checkpoint
+        from torch import nn
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        x = torch.randn(32, 4); y = torch.randint(0, 2, (32,))
+        data = trainers.Data((x, y), (x, y))
+        config = trainers.TrainerConfig(epochs=2, batch_size=8, device="cpu", checkpoint_dir={str(tmp_path)!r})
+        trainers.fit(model, data, trainers.TrainerConfig(**{{**config.__dict__, "epochs": 1}}))
+        def dying_fsync(fd):
+            os.truncate(fd, 100)  # half a file on disk, then the kill
+            os._exit(9)
+        checkpoint.os.fsync = dying_fsync
+        trainers.fit(model, data, config)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(trainers.__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    assert result.returncode == 9, result.stderr.decode()
+    assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 0
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the torn write, never read
+
+    x = torch.randn(32, 4)
+    data = trainers.Data((x, torch.randint(0, 2, (32,))), (x, torch.randint(0, 2, (32,))))
+    state = trainers.fit(nn.Linear(4, 2), data, trainers.TrainerConfig(epochs=2, batch_size=8, device="cpu",
+                                                                        checkpoint_dir=str(tmp_path)))
+    assert state.resumed and len(state.history) == 2

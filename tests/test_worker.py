@@ -1,0 +1,220 @@
+"""One worker's life: failures are recorded and survived, seeds differ, signals leave nothing running."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import hpo
+from optuna.trial import TrialState
+
+from hpo import coordinator, worker
+from hpo.config import load_config
+from hpo.storage import open_storage
+
+TASK = '''
+import math, time
+import torch
+from torch import nn
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    return x[:192], y[:192], x[192:], y[192:]
+
+class Net(nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        self.params = params
+        self.lin = nn.Linear(8, 2)
+    def forward(self, x):
+        if self.params.get("slow"):
+            time.sleep(0.2)
+        out = self.lin(x)
+        return out * math.nan if self.params.get("mode") == "nan" else out
+
+def model(params):
+    if params.get("mode") == "boom":
+        raise ValueError("boom from the user's factory")
+    return Net(params)
+'''
+
+
+def write_study(tmp_path: Path, name: str, space: dict, *, n_trials: int = 4, baseline: list | None = None,
+                trainer: dict | None = None, **study) -> Path:
+    (tmp_path / "usertask.py").write_text(TASK)
+    raw = {
+        "study": {"name": name, "direction": "maximize", "metric": "val_accuracy", "n_trials": n_trials, "seed": 7, "sampler": "random", "pruner": "none", **study},
+        "trainer": trainer or {"epochs": 2, "batch_size": 32},
+        "task": {"model": "usertask:model", "data": "usertask:data"},
+        "space": space,
+    }
+    if baseline:
+        raw["baseline"] = baseline
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def created(path: Path, url: str) -> optuna.Study:
+    return coordinator.create(load_config(str(path)), open_storage(url)).study
+
+
+def test_user_exception_and_nan_loss_fail_the_trial_with_a_reason_and_the_worker_goes_on(tmp_path: Path) -> None:
+    path = write_study(
+        tmp_path, "failures",
+        {"mode": {"type": "categorical", "choices": ["ok", "boom", "nan"]}},
+        n_trials=3, baseline=[{"mode": "boom"}, {"mode": "nan"}, {"mode": "ok"}],
+    )
+    url = str(tmp_path / "h.journal")
+    study = created(path, url)
+    summary = worker.run_worker("failures", url, index=0)
+    trials = {t.params["mode"]: t for t in study.get_trials()}
+    assert summary.states == {"FAIL": 2, "COMPLETE": 1}
+    assert trials["boom"].state == TrialState.FAIL
+    assert trials["boom"].user_attrs["hpo:fail_reason"] == "ValueError: boom from the user's factory"
+    assert "Traceback" in trials["boom"].user_attrs["hpo:traceback"]
+    assert trials["nan"].state == TrialState.FAIL
+    assert trials["nan"].user_attrs["hpo:fail_reason"].startswith("NonFiniteLossError: training loss is nan at epoch 0")
+    assert trials["ok"].state == TrialState.COMPLETE
+
+
+def test_workers_seed_their_samplers_differently_and_record_it(tmp_path: Path) -> None:
+    path = write_study(tmp_path, "seeds", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}}, n_trials=4)
+    url = str(tmp_path / "h.journal")
+    study = created(path, url)
+    for index in (0, 1):
+        # One trial each: a worker stops when the budget is spent, so cap it through the config.
+        worker.run_worker("seeds", url, index=index)
+        if index == 0:
+            assert len(study.get_trials()) == 4
+    by_seed: dict[int, list[float]] = {}
+    for t in study.get_trials():
+        by_seed.setdefault(t.user_attrs["hpo:seeds"]["sampler"], []).append(t.params["lr"])
+        assert t.user_attrs["hpo:seeds"]["trial"] == 7 + t.number
+    assert list(by_seed) == [7]  # worker 0 did all four: study seed 7 + index 0
+    assert worker.sampler_seed(7, 1, "h:1") == 8
+    assert worker.sampler_seed(7, None, "hostA:100") != worker.sampler_seed(7, None, "hostB:100")
+
+
+def test_two_workers_with_the_same_study_seed_propose_different_params(tmp_path: Path) -> None:
+    path = write_study(tmp_path, "distinct", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}}, n_trials=2)
+    url = str(tmp_path / "h.journal")
+    created(path, url)
+    storage = open_storage(url)
+    _, config = coordinator.load("distinct", storage)
+    from hpo import samplers
+
+    proposals = []
+    for index in (0, 1):
+        sampler = samplers.build_sampler(config.study.sampler, {}, worker.sampler_seed(7, index, "x"), config.space)
+        study = optuna.load_study(study_name="distinct", storage=storage, sampler=sampler)
+        trial = study.ask()
+        proposals.append(trial.suggest_float("lr", 1e-3, 1e-1, log=True))
+        study.tell(trial, 0.0)
+    assert proposals[0] != proposals[1]
+
+
+def test_a_trial_numbered_past_the_budget_is_handed_back_unstarted(tmp_path: Path) -> None:
+    path = write_study(tmp_path, "race", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=2)
+    url = str(tmp_path / "h.journal")
+    study = created(path, url)
+    _, config = coordinator.load("race", open_storage(url))
+    # Three workers asked at the same moment, before any of them could see the others.
+    asked = [study.ask() for _ in range(3)]
+    trials = study.get_trials(deepcopy=False)
+    assert [coordinator.within_budget(config, trials, t.number) for t in asked] == [True, True, False]
+    assert not coordinator.budget_left(config, trials)
+
+
+def test_budget_check_from_a_stale_read_never_admits_a_trial_past_the_budget(tmp_path: Path) -> None:
+    path = write_study(tmp_path, "bound", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=4, baseline=[{"lr": 0.01}])
+    url = str(tmp_path / "h.journal")
+    study = created(path, url)
+    _, config = coordinator.load("bound", open_storage(url))
+    seen = study.get_trials(deepcopy=False)  # trial 0 waiting (the baseline)
+    asked = [study.ask() for _ in range(5)]  # other workers ask before this one reads again
+    fresh = study.get_trials(deepcopy=False)
+    for trial in asked:
+        if coordinator.surely_within_budget(config, seen, trial.number):
+            assert coordinator.within_budget(config, fresh, trial.number)
+    assert not coordinator.surely_within_budget(config, seen, asked[-1].number)
+    assert coordinator.surely_within_budget(config, seen, 1)
+
+
+def test_study_timeout_ends_the_worker(tmp_path: Path) -> None:
+    path = write_study(tmp_path, "timeout", {"slow": True, "lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=None, timeout=1)
+    url = str(tmp_path / "h.journal")
+    study = created(path, url)
+    summary = worker.run_worker("timeout", url, index=0)
+    assert 1 <= sum(summary.states.values()) <= 3
+    assert all(t.state.is_finished() for t in study.get_trials())
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_signal_stops_the_worker_and_requeues_its_trial(tmp_path: Path, sig: signal.Signals, code: int) -> None:
+    path = write_study(tmp_path, "signals", {"slow": True, "lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=3)
+    url = str(tmp_path / "h.journal")
+    study = created(path, url)
+    proc = subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", "signals", "--storage", url], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(t.state == TrialState.RUNNING and t.params for t in study.get_trials()):
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stopped) == 1
+    assert stopped[0].user_attrs["hpo:fail_reason"].startswith(f"interrupted by {sig.name}")
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].user_attrs["hpo:retry_of"] == stopped[0].number
+    # The re-queued trial runs with the same params and the interrupted one does not count.
+    worker.run_worker("signals", url, index=1)
+    trials = study.get_trials()
+    assert trials[waiting[0].number].params == stopped[0].params
+    assert len(coordinator.counted(trials)) == 3
+
+
+def test_existing_study_with_another_config_is_refused_unless_asked(tmp_path: Path) -> None:
+    url = str(tmp_path / "h.journal")
+    path = write_study(tmp_path, "twice", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}})
+    assert hpo("create", str(path), "--storage", url, cwd=tmp_path).returncode == 0
+    assert hpo("create", str(path), "--storage", url, cwd=tmp_path).returncode == 0  # same config: fine
+    changed = write_study(tmp_path, "twice", {"lr": {"type": "float", "low": 1e-4, "high": 1e-1}})
+    refused = hpo("create", str(changed), "--storage", url, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "hpo: error: study 'twice' already exists with a different config; use --resume to continue it with this file, or --overwrite to start over"
+    assert hpo("create", str(changed), "--storage", url, "--resume", cwd=tmp_path).returncode == 0
+    assert load_config(str(changed)).fingerprint() == coordinator.load("twice", open_storage(url))[1].fingerprint()
+    assert hpo("create", str(changed), "--storage", url, "--overwrite", cwd=tmp_path).returncode == 0
+
+
+def test_unknown_study_is_one_line(tmp_path: Path) -> None:
+    url = str(tmp_path / "h.journal")
+    write = write_study(tmp_path, "known", {"lr": 0.1, "x": {"type": "int", "low": 1, "high": 2}})
+    assert hpo("create", str(write), "--storage", url).returncode == 0
+    result = hpo("worker", "--study", "unknwn", "--storage", url)
+    assert result.returncode == 2
+    assert result.stderr == "hpo: error: no study named 'unknwn' (studies here: known)\n"
+
+
+def test_task_code_is_found_beside_the_study_file_from_any_working_directory(tmp_path: Path) -> None:
+    project = tmp_path / "elsewhere"
+    project.mkdir()
+    path = write_study(project, "outside", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=2)
+    result = hpo("run", str(path), "--storage", str(tmp_path / "h.journal"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "best: trial #" in result.stdout
+    assert textwrap.dedent("study outside: 2/2 trials") in result.stdout

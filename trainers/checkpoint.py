@@ -1,0 +1,210 @@
+"""Checkpoints: every piece of state a resume needs, written atomically, read with weights_only.
+
+A checkpoint holds the model, optimizer, schedule, gradient scaler, epoch and optimizer-step
+counters, the metric history, the best value so far, every RNG the loop or a step may draw from
+(torch CPU and CUDA, Python, NumPy, the shuffling generator) and each callback's ``state_dict()``.
+Resuming from ``last.pt`` therefore continues the very curve the run would have followed
+(bit for bit on CPU with a fixed seed).
+
+The state is serialized to memory on the training thread (about a millisecond for a small model)
+and written to disk by a background thread, so the file I/O and fsync overlap the next epoch; at most one write is in flight, and `fit` waits for it before
+returning or raising. Writes go to a temporary file in the same directory, are flushed to disk, then renamed over the
+target: a rename within one filesystem is atomic, so a process killed mid-write leaves the previous
+checkpoint intact (and at worst a stray ``.*.tmp`` file, which is never read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from trainers.callbacks import improved
+
+if TYPE_CHECKING:
+    from trainers.loop import State
+
+FORMAT = 1
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to a temporary sibling, fsync, then rename over `path`."""
+    _atomic_write(lambda file: torch.save(obj, file), Path(path))
+
+
+def _atomic_write(write: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            # Without fsync a power loss after the rename can leave an empty file on some filesystems.
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Reads a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class Checkpoints:
+    """``last.pt`` after every epoch and ``best.pt`` when `monitor` improves, in `directory`."""
+
+    def __init__(self, directory: str | os.PathLike, *, monitor: str, mode: str, save_last: bool = True, save_best: bool = True) -> None:
+        self.directory = Path(directory)
+        self.monitor, self.mode = monitor, mode
+        self.save_last, self.save_best = save_last, save_best
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def last(self) -> Path:
+        return self.directory / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.directory / "best.pt"
+
+    def save(self, state: State) -> None:
+        if self.monitor not in state.metrics:
+            raise KeyError(f"checkpoints monitor {self.monitor!r}, which the loop does not report "
+                           f"(it reports {', '.join(state.metrics)})")
+        is_best = improved(state.metrics[self.monitor], state.best, self.mode)
+        if is_best:
+            state.best, state.best_epoch = state.metrics[self.monitor], state.epoch
+        if not (self.save_last or (self.save_best and is_best)):
+            return
+        blob = io.BytesIO()
+        torch.save(capture(state), blob)  # now, before the next step changes the live tensors
+        targets = [self.best] if self.save_best and is_best else []
+        targets += [self.last] if self.save_last else []
+        self.wait()
+        self._writer = threading.Thread(target=self._write, args=(blob.getbuffer(), targets), name="checkpoint-writer")
+        self._writer.start()
+
+    def _write(self, blob: memoryview, targets: list[Path]) -> None:
+        try:
+            for path in targets:
+                _atomic_write(lambda file: file.write(blob), path)
+        except BaseException as error:  # re-raised on the training thread by wait()
+            self._error = error
+
+    def wait(self) -> None:
+        """Blocks until the pending write is on disk; raises its error, if it failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def resume(self, state: State) -> bool:
+        """Restores `state` from ``last.pt`` when there is one; returns whether it did."""
+        if not self.last.exists():
+            return False
+        restore(state, load(self.last, state.device))
+        return True
+
+
+def capture(state: State) -> dict[str, Any]:
+    """Everything a resume needs, as tensors and plain Python values."""
+    schedule = state.schedule.scheduler.state_dict() if state.schedule is not None else None
+    return {
+        "format": FORMAT,
+        "epoch": state.epoch,
+        "global_step": state.global_step,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "schedule": schedule,
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "metrics": dict(state.metrics),
+        "history": [dict(row) for row in state.history],
+        "best": state.best,
+        "best_epoch": state.best_epoch,
+        "should_stop": state.should_stop,
+        "stop_reason": state.stop_reason,
+        "rng": rng_state(state.generator),
+        "callbacks": {key: cb.state_dict() for key, cb in _stateful(state.callbacks)},
+    }
+
+
+def restore(state: State, payload: dict[str, Any]) -> None:
+    """Loads `payload` into the live objects of `state`; the run continues at the next epoch."""
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"checkpoint format {payload.get('format')!r} is not {FORMAT}")
+    state.model.load_state_dict(payload["model"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    if state.schedule is not None and payload["schedule"] is not None:
+        state.schedule.scheduler.load_state_dict(payload["schedule"])
+    if state.scaler is not None and payload["scaler"] is not None:
+        state.scaler.load_state_dict(payload["scaler"])
+    state.epoch = payload["epoch"] + 1
+    state.global_step = payload["global_step"]
+    state.metrics, state.history = payload["metrics"], payload["history"]
+    state.best, state.best_epoch = payload["best"], payload["best_epoch"]
+    state.should_stop, state.stop_reason = payload["should_stop"], payload["stop_reason"]
+    for key, cb in _stateful(state.callbacks):
+        if key in payload["callbacks"]:
+            cb.load_state_dict(payload["callbacks"][key])
+    set_rng_state(payload["rng"], state.generator)
+
+
+def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": _python_rng(),
+        "shuffle": generator.get_state() if generator is not None else None,
+        "numpy": None,
+    }
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # A tensor, so weights_only loading needs no NumPy globals.
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys.tolist()), gauss))
+    if generator is not None and state["shuffle"] is not None:
+        generator.set_state(state["shuffle"].cpu())
+    if state["numpy"] is not None:
+        with contextlib.suppress(ImportError):
+            import numpy as np
+
+            kind, keys, pos, has_gauss, cached = state["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _python_rng() -> tuple[int, torch.Tensor, float | None]:
+    # 625 ints as one tensor: pickling them one by one costs more than the whole model.
+    version, keys, gauss = random.getstate()
+    return version, torch.tensor(keys, dtype=torch.int64), gauss
+
+
+def _stateful(callbacks: list[Any]) -> list[tuple[str, Any]]:
+    # Keyed by position and class, so a resumed run with the same callback list finds its own state.
+    return [
+        (f"{i}:{type(cb).__name__}", cb)
+        for i, cb in enumerate(callbacks)
+        if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))
+    ]

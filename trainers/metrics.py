@@ -1,0 +1,79 @@
+"""Validation metrics as on-device sums, turned into values with one host sync per epoch.
+
+An eval step returns, per batch, *sums* over its samples (0-d tensors); the loop adds them up
+over the split and divides by the sample count, so each metric is an exact mean. A step may also
+return ``confusion``, the flattened C x C counts of (true, predicted) pairs from `confusion`;
+the loop turns it into the macro F1 ``f1``. Everything stays on the device until `finalize`.
+
+Own code rather than torchmetrics: these few metrics are a handful of lines each, add no
+dependency, cost no per-metric object or per-batch sync, and their sums are what a stacked
+multi-trial model or a data-parallel all-reduce needs to combine (add the sums, then divide).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def classification_sums(logits: torch.Tensor, y: torch.Tensor, top_k: int = 5) -> dict[str, torch.Tensor]:
+    """Loss, accuracy, top-k accuracy (k capped at the class count) and the confusion counts."""
+    k = min(top_k, logits.shape[-1])
+    predicted = logits.argmax(dim=-1)
+    in_top_k = (logits.topk(k, dim=-1).indices == y.unsqueeze(-1)).any(dim=-1)
+    return {
+        "loss": F.cross_entropy(logits.float(), y, reduction="sum"),
+        "accuracy": (predicted == y).sum(),
+        f"top{top_k}_accuracy": in_top_k.sum(),
+        "confusion": confusion(predicted, y, logits.shape[-1]),
+    }
+
+
+def confusion(predicted: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Counts of (true, predicted) pairs, flattened true-major, as one bincount on the device."""
+    return torch.bincount(y * n_classes + predicted, minlength=n_classes * n_classes)
+
+
+def macro_f1(counts: torch.Tensor) -> torch.Tensor:
+    """Unweighted mean of per-class F1 over the classes that occur as truth or prediction
+    (scikit-learn's ``f1_score(average="macro")``)."""
+    n = int(round(counts.numel() ** 0.5))
+    matrix = counts.reshape(n, n).to(torch.float64)
+    true_pos = matrix.diagonal()
+    support_plus_predicted = matrix.sum(0) + matrix.sum(1)
+    present = support_plus_predicted > 0
+    f1 = 2 * true_pos / support_plus_predicted.clamp(min=1)
+    return (f1 * present).sum() / present.sum().clamp(min=1)
+
+
+def regression_sums(prediction: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """MSE (also the loss) and MAE, per sample averaged over any trailing dimensions."""
+    error = prediction.reshape(y.shape).float() - y
+    squared = error.square().flatten(1).mean(1) if error.dim() > 1 else error.square()
+    absolute = error.abs().flatten(1).mean(1) if error.dim() > 1 else error.abs()
+    return {"loss": squared.sum(), "mse": squared.sum(), "mae": absolute.sum()}
+
+
+def accumulate(sums: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+    for name, value in batch.items():
+        value = value.detach()
+        if name != "confusion":
+            value = value.to(torch.float64)
+        sums[name] = sums[name] + value if name in sums else value
+
+
+def finalize(
+    sums: dict[str, torch.Tensor], count: int, extra: dict[str, torch.Tensor] | None = None, prefix: str = "val_"
+) -> dict[str, float]:
+    """`extra` as is, then the means of the sums (and F1 from the confusion counts) prefixed
+    with `prefix`, as floats: the one host sync."""
+    values = dict(extra or {})
+    for name, total in sums.items():
+        if name == "confusion":
+            values[f"{prefix}f1"] = macro_f1(total)
+        else:
+            values[f"{prefix}{name}"] = total / max(count, 1)
+    if not values:
+        return {}
+    floats = torch.stack([v.detach().to(torch.float64).reshape(()) for v in values.values()]).tolist()
+    return dict(zip(values, floats))
