@@ -118,4 +118,4 @@ def test_status_best_studies_and_plot_after_a_run(tmp_path: Path) -> None:
     plot = hpo("plot", "importance", "--study", "inspect", "--out", "imp.html", cwd=tmp_path)
     assert plot.returncode == 0, plot.stderr
     html = (tmp_path / "imp.html").read_text()
-    assert "Hyperparameter importances" in html and "<script src=\"https://cdn" not in html
+    assert "Hyperparameter importance of inspect" in html and "<script src=\"https://cdn" not in html
