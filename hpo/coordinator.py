@@ -2,9 +2,8 @@
 
 The config is stored on the study (user attribute ``hpo:config``), so that
 ``hpo worker --study NAME`` on any machine needs only the storage URL. The trial budget
-is global: trials count in the order the storage numbered them, and a trial numbered
-past the budget is handed back unstarted, so the study ends with exactly `n_trials`
-finished trials however many workers race for the last one.
+is global: workers check it and ask for their trial under one lock per study, so the
+study ends with exactly `n_trials` trials however many workers race for the last one.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo import heartbeat
 from hpo.config import Config, ConfigError, config_from_dict
-from hpo.storage import open_storage, redact, resolve_url
+from hpo.storage import open_storage, redact, resolve_url, study_lock
 
 CONFIG_ATTR = "hpo:config"
 SOURCE_ATTR = "hpo:source"
@@ -134,27 +133,19 @@ def budget_left(config: Config, trials: list[FrozenTrial], now: datetime.datetim
     return True
 
 
-def within_budget(config: Config, trials: list[FrozenTrial], number: int) -> bool:
-    """Whether trial `number`, just started, is inside the budget (ordering by trial number)."""
-    if config.study.n_trials is None:
-        return True
-    ahead = [t for t in counted(trials) if t.number < number]
-    return len(ahead) < config.study.n_trials
+def ask(study: optuna.Study, config: Config, n: int = 1) -> tuple[list[optuna.Trial], list[FrozenTrial]]:
+    """Up to `n` new trials, as many as the budget has room for, and the trials read before.
 
-
-def surely_within_budget(config: Config, seen: list[FrozenTrial], number: int) -> bool:
-    """Whether trial `number` is inside the budget, judged from trials read *before* it was asked.
-
-    Trials created since then have numbers between the highest seen and `number`; counting all
-    of them, and every waiting trial seen, bounds the count from above. Only near the end of
-    the budget does the worker need a fresh read (`within_budget`).
+    Reading the study and asking happen under the study's lock (`storage.study_lock`), so
+    workers racing for the last trials never create one past the budget.
     """
-    if config.study.n_trials is None:
-        return True
-    retried = heartbeat.retried_numbers(seen)
-    ahead = [t for t in seen if t.number < number and (t.state == TrialState.WAITING or _counts(t, retried))]
-    unseen = number - 1 - max((t.number for t in seen), default=-1)
-    return len(ahead) + max(unseen, 0) < config.study.n_trials
+    with study_lock(study._storage, study.study_name):
+        trials = study.get_trials(deepcopy=False)
+        if not budget_left(config, trials):
+            return [], trials
+        if config.study.n_trials is not None:
+            n = min(n, config.study.n_trials - len(counted(trials)))
+        return [study.ask() for _ in range(n)], trials
 
 
 def _find(storage: BaseStorage, name: str) -> optuna.study.StudySummary | None:

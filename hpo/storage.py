@@ -16,16 +16,22 @@ logger's handlers.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import logging
 import os
 import re
+import threading
+import time
 import warnings
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages.journal import JournalFileBackend
 
 DEFAULT_URL = "hpo.journal"
@@ -71,6 +77,82 @@ def open_storage(url: str | None = None, *, heartbeat: Heartbeat | None = None) 
         f"unknown storage scheme {scheme}:// in {redact(url)} "
         "(expected redis://, postgresql://, mysql://, sqlite:/// or a journal file path)"
     )
+
+
+# A Redis lock expires after this long, so a worker killed while holding it blocks the
+# others for at most this long; holders keep it for one read and one ask (milliseconds).
+LOCK_TTL_S = 30
+_LOCAL_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def study_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
+    """A lock on one study, shared by every process that uses `storage`.
+
+    Workers check the trial budget and ask for a trial under it, so that however many race
+    for the last trial, none is created past the budget. A holder that dies releases it:
+    its connection or file closes (PostgreSQL, MySQL, files), or the lock expires (Redis).
+    """
+    if isinstance(storage, _CachedStorage):
+        storage = storage._backend
+    key = f"hpo:ask:{study_name}"
+    if isinstance(storage, RDBStorage):
+        with _rdb_lock(storage, key):
+            yield
+        return
+    backend = getattr(storage, "_backend", None)
+    redis_client = getattr(backend, "_redis", None)
+    if redis_client is not None:
+        with redis_client.lock(getattr(backend, "_prefix", "") + key, timeout=LOCK_TTL_S, sleep=0.005):
+            yield
+    elif isinstance(backend, JournalFileBackend):
+        with _file_lock(backend._file_path):
+            yield
+    else:  # in-memory storage lives in one process
+        with _LOCAL_LOCK:
+            yield
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    # flock on the storage file itself: Optuna's own journal and SQLite locks are separate
+    # (lock files and fcntl ranges), so this one guards only hpo's ask.
+    with open(path, "ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _rdb_lock(storage: RDBStorage, key: str) -> Iterator[None]:
+    import sqlalchemy
+
+    engine = storage.engine
+    dialect = engine.dialect.name
+    if dialect == "sqlite":
+        with _file_lock(engine.url.database or ":memory:"):
+            yield
+        return
+    number = zlib.crc32(key.encode()) - 2**31  # PostgreSQL's advisory keys are signed
+    name = f"hpo:ask:{zlib.crc32(key.encode()):08x}"  # MySQL lock names: 64 characters at most
+    with engine.connect() as conn:
+        if dialect == "postgresql":
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": number})
+            release = sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": number}
+        elif dialect in ("mysql", "mariadb"):
+            while conn.execute(sqlalchemy.text("SELECT GET_LOCK(:n, 10)"), {"n": name}).scalar() != 1:
+                time.sleep(0.01)
+            release = sqlalchemy.text("SELECT RELEASE_LOCK(:n)"), {"n": name}
+        else:
+            release = None
+        try:
+            yield
+        finally:
+            if release is not None:
+                conn.execute(*release)
+            conn.commit()
 
 
 def redact(url: str) -> str:

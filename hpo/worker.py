@@ -86,15 +86,11 @@ def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary
     """
     storage = study._storage
     patience = config.study.storage_patience
-    trials = persist(lambda: study.get_trials(deepcopy=False), "reading trials", patience)
-    while coordinator.budget_left(config, trials):
-        trial = persist(study.ask, "asking for a trial", patience)
-        if not coordinator.surely_within_budget(config, trials, trial.number):
-            trials = persist(lambda: study.get_trials(deepcopy=False), "reading trials", patience)
-            if not coordinator.within_budget(config, trials, trial.number):
-                # Another worker took the last slot first: hand this one back unstarted.
-                persist(partial(storage.set_trial_state_values, trial._trial_id, TrialState.WAITING), "handing back a trial", patience)
-                break
+    while True:
+        asked, _ = persist(partial(coordinator.ask, study, config), "asking for a trial", patience)
+        if not asked:
+            break
+        trial = asked[0]
         persist(partial(trial.set_user_attr, "hpo:worker", summary.worker), "starting a trial", patience)
         beat.running(trial)
         seeds = {"sampler": seed, "trial": objective.trial_seed(config, trial.number)}
@@ -106,7 +102,6 @@ def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary
             on_trial(persist(partial(storage.get_trial, trial._trial_id), "reading a trial", patience), config)
         if summary.interrupted:
             break
-        trials = persist(lambda: study.get_trials(deepcopy=False), "reading trials", patience)
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, config, task, threads, summary: Summary) -> TrialState:

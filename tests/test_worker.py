@@ -123,31 +123,48 @@ def test_two_workers_with_the_same_study_seed_propose_different_params(tmp_path:
     assert proposals[0] != proposals[1]
 
 
-def test_a_trial_numbered_past_the_budget_is_handed_back_unstarted(tmp_path: Path) -> None:
-    path = write_study(tmp_path, "race", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=2)
-    url = str(tmp_path / "h.journal")
-    study = created(path, url)
-    _, config = coordinator.load("race", open_storage(url))
-    # Three workers asked at the same moment, before any of them could see the others.
-    asked = [study.ask() for _ in range(3)]
-    trials = study.get_trials(deepcopy=False)
-    assert [coordinator.within_budget(config, trials, t.number) for t in asked] == [True, True, False]
-    assert not coordinator.budget_left(config, trials)
+RACER = """
+import sys
+from hpo import coordinator
+name, url = sys.argv[1], sys.argv[2]
+study, config = coordinator.open_study(url, name)
+while True:
+    asked, _ = coordinator.ask(study, config)
+    if not asked:
+        break
+    study.tell(asked[0], 0.0)
+"""
 
 
-def test_budget_check_from_a_stale_read_never_admits_a_trial_past_the_budget(tmp_path: Path) -> None:
-    path = write_study(tmp_path, "bound", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=4, baseline=[{"lr": 0.01}])
+@pytest.mark.parametrize("kind", ["file", "sqlite", "redis", "postgres", "mysql"])
+def test_workers_racing_for_the_last_trials_never_overrun_the_budget(tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    url = {"file": lambda: str(tmp_path / "h.journal"), "sqlite": lambda: f"sqlite:///{tmp_path / 'h.db'}",
+           "redis": lambda: request.getfixturevalue("redis_url"), "postgres": lambda: request.getfixturevalue("postgres_url"),
+           "mysql": lambda: request.getfixturevalue("mysql_url")}[kind]()
+    name = f"race-{kind}-{tmp_path.name}"
+    path = write_study(tmp_path, name, {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=20)
+    created(path, url)
+    # Four processes that do nothing but ask and tell: the tightest race there is.
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, name, url], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+              for _ in range(4)]
+    for racer in racers:
+        assert racer.wait(timeout=120) == 0, racer.stderr.read()
+    trials = optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
+    assert [t.number for t in trials] == list(range(20))
+    assert {t.state for t in trials} == {TrialState.COMPLETE}
+
+
+def test_ask_gives_no_more_trials_than_the_budget_has_room_for(tmp_path: Path) -> None:
+    path = write_study(tmp_path, "room", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=4, baseline=[{"lr": 0.01}])
     url = str(tmp_path / "h.journal")
     study = created(path, url)
-    _, config = coordinator.load("bound", open_storage(url))
-    seen = study.get_trials(deepcopy=False)  # trial 0 waiting (the baseline)
-    asked = [study.ask() for _ in range(5)]  # other workers ask before this one reads again
-    fresh = study.get_trials(deepcopy=False)
-    for trial in asked:
-        if coordinator.surely_within_budget(config, seen, trial.number):
-            assert coordinator.within_budget(config, fresh, trial.number)
-    assert not coordinator.surely_within_budget(config, seen, asked[-1].number)
-    assert coordinator.surely_within_budget(config, seen, 1)
+    _, config = coordinator.load("room", open_storage(url))
+    first, seen = coordinator.ask(study, config, n=3)
+    assert [t.number for t in first] == [0, 1, 2] and seen[0].state == TrialState.WAITING  # the baseline goes first
+    assert study._storage.get_trial(first[0]._trial_id).system_attrs["fixed_params"] == {"lr": 0.01}
+    rest, _ = coordinator.ask(study, config, n=3)
+    assert [t.number for t in rest] == [3]
+    assert coordinator.ask(study, config) == ([], study.get_trials(deepcopy=False))
 
 
 def test_study_timeout_ends_the_worker(tmp_path: Path) -> None:
