@@ -47,12 +47,12 @@ def create(config: Config, storage: BaseStorage, *, on_exists: OnExists = "refus
     name = config.study.name
     existing = _find(storage, name)
     if existing is not None:
-        stored = existing.user_attrs.get(CONFIG_ATTR)
+        stored = storage.get_study_user_attrs(existing).get(CONFIG_ATTR)
         same = stored is not None and config_from_dict(stored, name).fingerprint() == config.fingerprint()
         if on_exists == "overwrite":
             optuna.delete_study(study_name=name, storage=storage)
         elif same or on_exists == "resume":
-            if list(existing.directions) != [_direction(d) for d in config.study.directions]:
+            if list(storage.get_study_directions(existing)) != [_direction(d) for d in config.study.directions]:
                 raise StudyError(f"study {name!r} exists with other directions; use --overwrite to replace it")
             study = optuna.load_study(study_name=name, storage=storage)
             study.set_user_attr(CONFIG_ATTR, config.raw)
@@ -73,12 +73,12 @@ def create(config: Config, storage: BaseStorage, *, on_exists: OnExists = "refus
 
 def load(name: str, storage: BaseStorage) -> tuple[optuna.Study, Config]:
     """The study and the config stored in it."""
-    summary = _find(storage, name)
-    if summary is None:
+    study_id = _find(storage, name)
+    if study_id is None:
         known = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
         hint = f" (studies here: {', '.join(sorted(known))})" if known else " (no studies in this storage)"
         raise StudyError(f"no study named {name!r}{hint}")
-    raw = summary.user_attrs.get(CONFIG_ATTR)
+    raw = storage.get_study_user_attrs(study_id).get(CONFIG_ATTR)
     if raw is None:
         raise StudyError(f"study {name!r} was not created by hpo (no stored config); create it with hpo create")
     try:
@@ -148,11 +148,12 @@ def ask(study: optuna.Study, config: Config, n: int = 1) -> tuple[list[optuna.Tr
         return [study.ask() for _ in range(n)], trials
 
 
-def _find(storage: BaseStorage, name: str) -> optuna.study.StudySummary | None:
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        if summary.study_name == name:
-            return summary
-    return None
+def _find(storage: BaseStorage, name: str) -> int | None:
+    """The study's id, or None. By name: listing all studies reads every trial on RDB storages."""
+    try:
+        return storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
 
 
 def _direction(name: str) -> optuna.study.StudyDirection:

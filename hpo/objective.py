@@ -94,12 +94,13 @@ def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int |
     seed = trial_seed(config, trial.number)
     if seed is not None:
         torch.manual_seed(seed)
+    attrs = trial.user_attrs  # one storage read
     # A retry after running out of memory carries a smaller batch size.
-    batch_size = trial.user_attrs.get("hpo:batch_size", config.trainer.batch_size)
+    batch_size = attrs.get("hpo:batch_size", config.trainer.batch_size)
     trainer_config = dataclasses.replace(config.trainer, seed=seed, threads=threads or config.trainer.threads, batch_size=batch_size)
     # One checkpoint and log directory per trial (a shared one would make trials resume each
     # other); a retry uses its original's, so it resumes from the last checkpoint written there.
-    run = trial.user_attrs.get("hpo:resume_from", trial.number)
+    run = attrs.get("hpo:resume_from", trial.number)
     per_trial = {key: os.path.join(value, config.study.name, f"trial-{run}")
                  for key in ("checkpoint_dir", "log_dir") if (value := getattr(trainer_config, key))}
     trainer_config = dataclasses.replace(trainer_config, **per_trial)

@@ -21,7 +21,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 import trainers
-from hpo import coordinator, heartbeat, objective, samplers
+from hpo import coordinator, heartbeat, objective, pruning, samplers
 from hpo.config import Config
 from hpo.outage import persist
 
@@ -65,7 +65,7 @@ def run_worker(
     worker = identity(index)
     seed = sampler_seed(s.seed, index, worker)
     study.sampler = samplers.build_sampler(s.sampler, s.sampler_options, seed, config.space)
-    study.pruner = samplers.build_pruner(s.pruner, s.pruner_options, s.pruner_wrapped)
+    study.pruner = pruning.with_snapshot(samplers.build_pruner(s.pruner, s.pruner_options, s.pruner_wrapped))
     task = objective.prepare(config)
     summary = Summary(worker)
     previous = _raise_on_sigterm()

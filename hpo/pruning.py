@@ -1,0 +1,61 @@
+"""The pruner's view of the study: read once per trial, not once per reported epoch.
+
+Optuna's median and percentile pruners read every trial of the study at each
+``should_prune``. On PostgreSQL that read costs milliseconds and grows with the study, and
+it runs once per epoch of every trial on every worker. The history they compare against
+(finished trials' intermediate values) changes only when another trial finishes, so hpo
+reads it at a trial's first report and again only when the snapshot is older than
+`max_age_s`. A worker running trials one after another sees every trial it finished; what
+it can miss is another worker's trial finished less than `max_age_s` ago, as if that trial
+had finished a moment later.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Container
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+# Pruners whose decision reads only the finished trials through `study.get_trials`.
+SNAPSHOT_SAFE = (optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner)
+MAX_AGE_S = 2.0
+
+
+class SnapshotPruner(optuna.pruners.BasePruner):
+    """`pruner`, given a snapshot of the study's trials taken per trial and at most `max_age_s` old."""
+
+    def __init__(self, pruner: optuna.pruners.BasePruner, max_age_s: float = MAX_AGE_S) -> None:
+        self.pruner, self.max_age_s = pruner, max_age_s
+        self._trials: list[FrozenTrial] = []
+        self._taken = -float("inf")
+        self._for_trial: int | None = None
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        now = time.monotonic()
+        if trial._trial_id != self._for_trial or now - self._taken > self.max_age_s:
+            self._trials = study.get_trials(deepcopy=False)
+            self._taken, self._for_trial = now, trial._trial_id
+        return self.pruner.prune(_Snapshot(study, self._trials), trial)
+
+
+def with_snapshot(pruner: optuna.pruners.BasePruner) -> optuna.pruners.BasePruner:
+    """Wraps the pruners that read the whole study at each step; others are returned as they are."""
+    return SnapshotPruner(pruner) if isinstance(pruner, SNAPSHOT_SAFE) else pruner
+
+
+class _Snapshot:
+    """The study, except that `get_trials` answers from the snapshot."""
+
+    def __init__(self, study: optuna.Study, trials: list[FrozenTrial]) -> None:
+        self._study, self._trials = study, trials
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        trials = self._trials if states is None else [t for t in self._trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials

@@ -1,0 +1,65 @@
+"""The pruner's snapshot of the study: same decisions as Optuna's pruner, one read per trial."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.storages import InMemoryStorage
+
+from hpo import pruning
+
+
+class CountingStorage(InMemoryStorage):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get_all_trials(self, *args, **kwargs):
+        self.reads += 1
+        return super().get_all_trials(*args, **kwargs)
+
+
+def _history(study: optuna.Study, n: int = 8, steps: int = 5) -> None:
+    for i in range(n):
+        trial = study.ask()
+        for step in range(steps):
+            trial.report(float(i + step), step)
+        study.tell(trial, float(i + steps))
+
+
+def test_snapshot_pruner_decides_as_optuna_with_one_read_per_trial() -> None:
+    storage = CountingStorage()
+    bare = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    study = optuna.create_study(storage=storage, pruner=pruning.with_snapshot(bare))
+    _history(study)
+
+    decisions = []
+    for value in (1.0, 5.0, 9.0):
+        trial = study.ask()
+        reads = storage.reads
+        for step in range(5):
+            trial.report(value + step, step)
+            frozen = storage.get_trial(trial._trial_id)
+            decisions.append((study.pruner.prune(study, frozen), bare.prune(study, frozen)))
+        assert storage.reads - reads == 1 + 5  # the snapshot once, the bare pruner at each step
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    assert [ours for ours, _ in decisions] == [theirs for _, theirs in decisions]
+    assert any(ours for ours, _ in decisions) and not all(ours for ours, _ in decisions)
+
+
+def test_snapshot_is_read_again_when_older_than_max_age() -> None:
+    storage = CountingStorage()
+    study = optuna.create_study(storage=storage)
+    _history(study, n=3)
+    pruner = pruning.SnapshotPruner(optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=0), max_age_s=0.0)
+    trial = study.ask()
+    trial.report(1.0, 0)
+    before = storage.reads
+    for _ in range(3):
+        pruner.prune(study, storage.get_trial(trial._trial_id))
+    assert storage.reads - before == 3
+
+
+def test_only_pruners_that_read_the_whole_study_are_wrapped() -> None:
+    assert isinstance(pruning.with_snapshot(optuna.pruners.PercentilePruner(25.0)), pruning.SnapshotPruner)
+    hyperband = optuna.pruners.HyperbandPruner()
+    assert pruning.with_snapshot(hyperband) is hyperband
