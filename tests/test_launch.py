@@ -97,6 +97,18 @@ def test_ssh_launcher_never_prints_the_password(tmp_path: Path) -> None:
     assert "127.0.0.1: failed" in run.stderr
 
 
+def test_supervised_workers_get_the_storage_url_outside_their_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpo import supervisor
+
+    started = []
+    monkeypatch.setattr(supervisor.subprocess, "Popen", lambda command, env: started.append((command, env)))
+    supervisor._start(supervisor.Slot(0, "1"), "s", "redis://:s3cret-pw@cache:6379/0", 100, 2)
+    ((command, env),) = started
+    assert not any("s3cret" in arg for arg in command)
+    assert env["HPO_STORAGE"] == "redis://:s3cret-pw@cache:6379/0" and env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert command[-4:] == ["--worker-index", "100", "--threads", "2"]
+
+
 # ---- the launcher against three namespace hosts, each running sshd ----
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
