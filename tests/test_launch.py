@@ -216,6 +216,12 @@ def test_ssh_launcher_runs_and_stops_workers_on_three_hosts(
     hosts_file = tmp_path / "hosts"
     hosts_file.write_text(f"# test hosts\n{hosts[0].inside} --jobs 1\n\n{hosts[1].inside}\n")
     try:
+        # 0. A worker that cannot start is reported, with the end of its log.
+        bad = _launch({**env, "HPO_STORAGE": url}, "start", "--study", done_study, *common, hosts[2].inside, "--", "--bogus")
+        assert bad.returncode != 0
+        assert f"{hosts[2].inside}: worker exited at once with 2" in bad.stdout, bad.stdout
+        assert "unrecognized arguments: --bogus" in bad.stdout
+
         # 1. Three hosts work the study to its end; each worker exits by itself.
         started = _launch({**env, "HPO_STORAGE": url}, "start", "--study", done_study, "--hosts", str(hosts_file),
                           *common, hosts[2].inside, "--", "--threads", "1")

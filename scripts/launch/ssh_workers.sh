@@ -123,8 +123,8 @@ remote_start() {  # name index worker-args...
     cat <<'EOF'
 pid=$!
 echo "$pid" >"$pidfile"
-# A worker that cannot start (no hpo on PATH, a bad option) is gone within a second: say so here.
-sleep 1
+# A worker that cannot start (no hpo on PATH, a bad option) is gone within seconds: say so here.
+for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
 if ! kill -0 "$pid" 2>/dev/null; then
     code=0
     wait "$pid" || code=$?
