@@ -84,11 +84,11 @@ def supervise(
 
 
 def _start(slot: Slot, study: str, storage_url: str, first_index: int, threads: int | None) -> None:
-    env = dict(os.environ)
+    # The URL goes in the environment, not the command line, where `ps` would show its password to all.
+    env = {**os.environ, "HPO_STORAGE": storage_url}
     if slot.device is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.device
-    command = [sys.executable, "-m", "hpo", "worker", "--study", study, "--storage", storage_url,
-               "--worker-index", str(first_index + slot.index)]
+    command = [sys.executable, "-m", "hpo", "worker", "--study", study, "--worker-index", str(first_index + slot.index)]
     if threads is not None:
         command += ["--threads", str(threads)]
     slot.process = subprocess.Popen(command, env=env)
