@@ -28,7 +28,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STEPS, STEP_S = 5, 0.010
-SAMPLER_OPTIONS = {"n_startup_trials": 10, "multivariate": True, "constant_liar": True}
+SAMPLER_OPTIONS = {"n_startup_trials": 10, "multivariate": True, "group": True, "constant_liar": True}
 PRUNER_OPTIONS = {"n_startup_trials": 5, "n_warmup_steps": 1}
 
 # The same objective for both sides: hpo reaches it through the training loop (a train step
