@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -139,13 +140,32 @@ def ask(study: optuna.Study, config: Config, n: int = 1) -> tuple[list[optuna.Tr
     Reading the study and asking happen under the study's lock (`storage.study_lock`), so
     workers racing for the last trials never create one past the budget.
     """
-    with study_lock(study._storage, study.study_name):
+    storage = study._storage
+    with study_lock(storage, study.study_name):
         trials = study.get_trials(deepcopy=False)
         if not budget_left(config, trials):
             return [], trials
         if config.study.n_trials is not None:
             n = min(n, config.study.n_trials - len(counted(trials)))
-        return [study.ask() for _ in range(n)], trials
+        # Only the trial's row is made under the lock; `study.ask` would also read the queue and
+        # the new trial, and every other worker waits for the lock meanwhile.
+        waiting = [t._trial_id for t in trials if t.state == TrialState.WAITING]
+        ids = [_start(storage, study._study_id, waiting) for _ in range(n)]
+    # As `study.ask` does: the sampler's per-trial cache of the study must not outlive a trial.
+    study._thread_local.cached_all_trials = None
+    return [optuna.Trial(study, trial_id) for trial_id in ids], trials
+
+
+def _start(storage: BaseStorage, study_id: int, waiting: list[int]) -> int:
+    """A queued trial (baseline, retry) set RUNNING, else a new one; under the study's lock."""
+    while waiting:
+        trial_id = waiting.pop(0)
+        try:
+            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                return trial_id
+        except UpdateFinishedTrialError:
+            pass  # finished meanwhile by whoever else holds it (a sweeper failing it)
+    return storage.create_new_trial(study_id)
 
 
 def _find(storage: BaseStorage, name: str) -> int | None:

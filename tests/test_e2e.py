@@ -24,12 +24,16 @@ FAST = {
     "trainer": {"epochs": 4},
 }
 SLOW_BASELINE = {"lr": 1.0e-4, "optimizer": {"name": "sgd", "momentum": 0.5, "nesterov": False}, "model": {"width": 32, "layers": 1}}
+# And two that pass the threshold by far, so every run also completes some trials, whichever
+# worker's sampler proposes the rest (random ones are often slow SGD runs that get pruned).
+GOOD_BASELINES = [{"lr": 3.0e-3, "optimizer": {"name": "adam", "beta1": 0.9}, "model": {"width": width, "layers": 2}}
+                  for width in (128, 256)]
 
 
 def fast_study(tmp_path: Path, name: str) -> Path:
     path = study_file(tmp_path, name, **FAST)
     raw = yaml.safe_load(path.read_text())
-    raw["baseline"] = [SLOW_BASELINE]
+    raw["baseline"] = [SLOW_BASELINE, *GOOD_BASELINES]
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
