@@ -8,10 +8,12 @@ warm-up fit, fits of `--short` and `--long` epochs are timed, and the marginal c
 The table gives the best round (noise from other processes only adds time) and the median.
 Every epoch validates (loss and accuracy) and reads the metrics once.
 
-    python scripts/bench_loop.py                    # all four, 5 rounds
+    python scripts/bench_loop.py                    # all of them, 5 rounds
     python scripts/bench_loop.py --rounds 3 --frameworks plain trainers
 
-`trainers` runs with ``last.pt`` written every epoch (atomic, fsync'ed); Lightning with its default
+`trainers` runs with ``last.pt`` written every epoch (atomic, fsync'ed), `trainers-ckpt5` every 5
+epochs (``checkpoint_every: 5``), and `trainers-no-ckpt` without checkpoints, to separate the loop's
+cost from the checkpoint's; Lightning with its default
 checkpointing (last epoch), no progress bar or logger; Ignite with no checkpoint. Lightning and
 Ignite take a DataLoader over a TensorDataset, the way their documentation feeds tensors.
 """
@@ -78,12 +80,13 @@ def run_plain(epochs: int, data, workdir: str) -> float:
     return time.perf_counter() - start
 
 
-def run_trainers(epochs: int, data, workdir: str) -> float:
+def run_trainers(epochs: int, data, workdir: str, checkpoint: bool = True, every: int = 1) -> float:
     import trainers
 
     x, y, xv, yv = data
     config = trainers.TrainerConfig(epochs=epochs, batch_size=BATCH, lr=LR, seed=SEED, device="cpu",
-                                    checkpoint_dir=f"{workdir}/trainers-{epochs}", save_best=False, resume=False)
+                                    checkpoint_dir=f"{workdir}/trainers-{epochs}" if checkpoint else None,
+                                    save_best=False, resume=False, checkpoint_every=every)
     model = mlp()
     start = time.perf_counter()
     trainers.fit(model, trainers.Data((x, y), (xv, yv)), config)
@@ -146,7 +149,16 @@ def run_ignite(epochs: int, data, workdir: str) -> float:
     return time.perf_counter() - start
 
 
-RUNNERS = {"plain": run_plain, "trainers": run_trainers, "lightning": run_lightning, "ignite": run_ignite}
+def run_trainers_ckpt5(epochs: int, data, workdir: str) -> float:
+    return run_trainers(epochs, data, workdir, every=5)
+
+
+def run_trainers_no_checkpoint(epochs: int, data, workdir: str) -> float:
+    return run_trainers(epochs, data, workdir, checkpoint=False)
+
+
+RUNNERS = {"plain": run_plain, "trainers": run_trainers, "trainers-ckpt5": run_trainers_ckpt5,
+           "trainers-no-ckpt": run_trainers_no_checkpoint, "lightning": run_lightning, "ignite": run_ignite}
 
 
 def worker(framework: str, short: int, long: int) -> None:

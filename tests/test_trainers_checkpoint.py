@@ -70,6 +70,19 @@ def test_resumed_run_continues_bit_for_bit_like_an_uninterrupted_one(tmp_path: P
     assert resumed.callbacks[0].state_dict() == straight.callbacks[0].state_dict()  # early stopping
 
 
+def test_checkpoint_every_n_epochs_resumes_from_the_last_multiple_and_still_matches(tmp_path: Path) -> None:
+    straight = trainers.fit(make_model(0), make_data(), config(tmp_path / "straight", epochs=7))
+    every = config(tmp_path / "every", checkpoint_every=3, epochs=7)
+    with pytest.raises(Crash):
+        trainers.fit(make_model(0), make_data(), every, [CrashAt(5)])
+    # Epochs 0-4 ran; last.pt was written after epochs 3 and 6 would be: the one on disk is epoch 2.
+    assert checkpoint.load(tmp_path / "every" / "last.pt")["epoch"] == 2
+    resumed = trainers.fit(make_model(1), make_data(), every)
+    assert resumed.resumed and resumed.history == straight.history
+    # The last epoch is always written, whatever the interval.
+    assert checkpoint.load(tmp_path / "every" / "last.pt")["epoch"] == 6
+
+
 def test_early_stopping_counters_survive_a_resume(tmp_path: Path) -> None:
     # min_delta so large that only the first epoch counts as an improvement: stop after epoch 4.
     settings = dict(early_stopping_patience=4, early_stopping_min_delta=10.0, monitor="val_loss")

@@ -8,7 +8,9 @@ Resuming from ``last.pt`` therefore continues the very curve the run would have 
 
 The state's tensors are copied on the training thread (tens of microseconds for a small model);
 a background thread pickles and writes them, so serialization, file I/O and fsync overlap the
-next epoch. At most one write is in flight, and `fit` waits for it before returning or raising. Writes go to a temporary file in the same directory, are flushed to disk, then renamed over the
+next epoch. At most one write is in flight; when the next epoch's checkpoint comes before it is
+done, the newer one replaces any not yet written (per file), and `fit` waits for all before returning
+or raising. Writes go to a temporary file in the same directory, are flushed to disk, then renamed over the
 target: a rename within one filesystem is atomic, so a process killed mid-write leaves the previous
 checkpoint intact (and at worst a stray ``.*.tmp`` file, which is never read).
 """
@@ -61,14 +63,18 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
 
 
 class Checkpoints:
-    """``last.pt`` after every epoch and ``best.pt`` when `monitor` improves, in `directory`."""
+    """``last.pt`` every `every` epochs (and at the end) and ``best.pt`` when `monitor` improves, in `directory`."""
 
-    def __init__(self, directory: str | os.PathLike, *, monitor: str, mode: str, save_last: bool = True, save_best: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike, *, monitor: str, mode: str, save_last: bool = True,
+                 save_best: bool = True, every: int = 1, epochs: int | None = None) -> None:
         self.directory = Path(directory)
         self.monitor, self.mode = monitor, mode
         self.save_last, self.save_best = save_last, save_best
+        self.every, self.epochs = every, epochs
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._pending: dict[Path, dict[str, Any]] = {}
+        self._lock = threading.Lock()
 
     @property
     def last(self) -> Path:
@@ -85,33 +91,53 @@ class Checkpoints:
         is_best = improved(state.metrics[self.monitor], state.best, self.mode)
         if is_best:
             state.best, state.best_epoch = state.metrics[self.monitor], state.epoch
-        if not (self.save_last or (self.save_best and is_best)):
+        done = state.epoch + 1
+        last = self.save_last and (done % self.every == 0 or done == self.epochs or state.should_stop)
+        if not (last or (self.save_best and is_best)):
             return
+        self._raise_error()
         # Copied now, before the next step changes the live tensors; pickled and written on the
         # writer thread, so the training thread pays only for the copy.
         payload = _copy_tensors(capture(state))
         targets = [self.best] if self.save_best and is_best else []
-        targets += [self.last] if self.save_last else []
-        self.wait()
-        self._writer = threading.Thread(target=self._write, args=(payload, targets), name="checkpoint-writer")
-        self._writer.start()
+        targets += [self.last] if last else []
+        with self._lock:
+            # A write still in flight is not waited for: the newest payload per file replaces
+            # one not yet written, so short epochs never stall on a slow disk's fsync.
+            self._pending.update(dict.fromkeys(targets, payload))
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._drain, name="checkpoint-writer")
+                self._writer.start()
 
-    def _write(self, payload: dict[str, Any], targets: list[Path]) -> None:
-        try:
-            blob = io.BytesIO()
-            torch.save(payload, blob)
-            for path in targets:
-                _atomic_write(lambda file: file.write(blob.getbuffer()), path)
-        except BaseException as error:  # re-raised on the training thread by wait()
-            self._error = error
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending or self._error is not None:
+                    self._writer = None
+                    return
+                batch, self._pending = self._pending, {}
+            try:
+                blobs: dict[int, io.BytesIO] = {}
+                for path, payload in batch.items():
+                    blob = blobs.get(id(payload))
+                    if blob is None:  # best.pt and last.pt of one epoch: pickled once
+                        blob = blobs[id(payload)] = io.BytesIO()
+                        torch.save(payload, blob)
+                    _atomic_write(lambda file, blob=blob: file.write(blob.getbuffer()), path)
+            except BaseException as error:  # re-raised on the training thread by save() or wait()
+                self._error = error
 
     def wait(self) -> None:
-        """Blocks until the pending write is on disk; raises its error, if it failed."""
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
+        """Blocks until every pending write is on disk; raises the error of one that failed."""
+        while (writer := self._writer) is not None:
+            writer.join()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
+            with self._lock:
+                self._pending.clear()
             raise error
 
     def resume(self, state: State) -> bool:

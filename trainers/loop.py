@@ -198,7 +198,8 @@ def setup(
     checkpoints = None
     if config.checkpoint_dir is not None:
         checkpoints = Checkpoints(Path(config.checkpoint_dir), monitor=config.monitor, mode=config.direction,
-                                  save_last=config.save_last, save_best=config.save_best)
+                                  save_last=config.save_last, save_best=config.save_best,
+                                  every=config.checkpoint_every, epochs=config.epochs)
         state.resumed = config.resume and checkpoints.resume(state)
     return state, data, update, checkpoints
 
