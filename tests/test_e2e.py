@@ -21,7 +21,9 @@ pytestmark = pytest.mark.e2e
 # stops it at epoch 1, so every run of this study prunes at least one trial.
 FAST = {
     "study": {"n_trials": 9, "pruner": {"name": "threshold", "options": {"lower": 0.5, "n_warmup_steps": 1}}},
-    "trainer": {"epochs": 4},
+    # Enough epochs that the first worker up cannot finish the study before the others have
+    # imported torch: several workers must share it.
+    "trainer": {"epochs": 30},
 }
 SLOW_BASELINE = {"lr": 1.0e-4, "optimizer": {"name": "sgd", "momentum": 0.5, "nesterov": False}, "model": {"width": 32, "layers": 1}}
 # And two that pass the threshold by far, so every run also completes some trials, whichever
