@@ -1,0 +1,250 @@
+"""Vectorized trials: K models trained as one stacked model give the curves they give alone;
+population mode asks, groups, prunes, refills and tells real Optuna trials."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import trainers
+from trainers.vectorized import (
+    NotVectorizable,
+    Slot,
+    StackedModel,
+    StackedOptimizer,
+    StackedTrainer,
+    check_hparams,
+    fit_stacked,
+    signature,
+)
+
+torch.set_num_threads(1)
+
+
+def toy_data(n: int = 384, features: int = 12, classes: int = 4, seed: int = 0) -> trainers.Data:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    w = torch.randn(features, classes, generator=g)
+    y = (x @ w).argmax(1)
+    split = n * 3 // 4
+    return trainers.Data((x[:split], y[:split]), (x[split:], y[split:]))
+
+
+def mlp(seed: int, width: int = 16, act: type[nn.Module] = nn.ReLU, dropout: float = 0.0, features: int = 12) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(features, width), act(), nn.Dropout(dropout), nn.Linear(width, width), act(), nn.Linear(width, 4))
+
+
+class Residual(nn.Module):
+    """Not a Sequential: runs through vmap, not the batched-matmul path."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp, self.hidden, self.out = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        return self.out(h + torch.tanh(self.hidden(h)))
+
+
+HPARAMS = [
+    {"lr": 0.01, "weight_decay": 1e-3, "optimizer": {"name": "adam", "beta1": 0.85}},
+    {"lr": 0.05, "weight_decay": 1e-4, "optimizer": {"name": "sgd", "momentum": 0.9, "nesterov": True}},
+    {"lr": 0.003, "weight_decay": 0.05, "optimizer": {"name": "adamw", "beta2": 0.99}},
+    {"lr": 0.1, "optimizer": {"name": "sgd", "momentum": 0.5, "nesterov": False}},
+    {"lr": 0.2, "weight_decay": 1e-2, "optimizer": "sgd"},
+]
+
+
+# --- per-slot optimizers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("specs", [
+    [{"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+     {"name": "sgd", "lr": 0.05, "momentum": 0.0},
+     {"name": "sgd", "lr": 0.02, "momentum": 0.7, "nesterov": False, "weight_decay": 0.1}],
+    [{"name": "adam", "lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 1e-2},
+     {"name": "adam", "lr": 3e-3, "eps": 1e-6}],
+    [{"name": "adamw", "lr": 1e-2, "weight_decay": 0.1}, {"name": "adamw", "lr": 2e-3, "beta1": 0.95}],
+    # One group mixing every kind: each slot follows its own rule.
+    [{"name": "adam", "lr": 1e-2}, {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+     {"name": "adamw", "lr": 5e-3, "weight_decay": 0.3}, {"name": "sgd", "lr": 0.3}],
+], ids=["sgd", "adam", "adamw", "mixed"])
+def test_stacked_optimizer_follows_torch_optim_step_for_step(specs: list[dict]) -> None:
+    k = len(specs)
+    g = torch.Generator().manual_seed(1)
+    init = [torch.randn(k, 5, 3, generator=g), torch.randn(k, 3, generator=g)]
+    grads = [[torch.randn(k, 5, 3, generator=g), torch.randn(k, 3, generator=g)] for _ in range(25)]
+    stacked = [t.clone().requires_grad_(True) for t in init]
+    opt = StackedOptimizer(stacked, specs)
+    solo = [[t[i].clone().requires_grad_(True) for t in init] for i in range(k)]
+    solo_opts = [trainers.build_optimizer(solo[i], specs[i]) for i in range(k)]
+    for step in grads:
+        for p, gr in zip(stacked, step):
+            p.grad = gr.clone()
+        opt.step()
+        for i in range(k):
+            for p, gr in zip(solo[i], step):
+                p.grad = gr[i].clone()
+            solo_opts[i].step()
+    for i in range(k):
+        for p_stacked, p_solo in zip(stacked, solo[i]):
+            torch.testing.assert_close(p_stacked[i].detach(), p_solo.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_hparams_the_stacked_loop_cannot_take_are_named() -> None:
+    config = trainers.TrainerConfig()
+    with pytest.raises(NotVectorizable, match="optimizer rmsprop"):
+        check_hparams({"optimizer": "rmsprop"}, config)
+    with pytest.raises(NotVectorizable, match="amsgrad"):
+        check_hparams({"optimizer": {"name": "adam", "amsgrad": True}}, config)
+    assert check_hparams({"lr": 0.1, "optimizer": {"name": "sgd", "momentum": 0.9}}, config)["lr"] == 0.1
+
+
+# --- grouped training equals solo training ------------------------------------------------------
+
+
+def solo_run(model: nn.Module, data: trainers.Data, config: trainers.TrainerConfig, hparams: dict) -> trainers.State:
+    return trainers.fit(model, data, config, hparams=hparams)
+
+
+@pytest.mark.parametrize("make", [mlp, Residual], ids=["batched-matmul", "vmap"])
+def test_grouped_training_gives_each_trial_its_solo_curve_and_weights(make) -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=4, batch_size=32, device="cpu")
+    seeds = [11, 12, 13, 14, 15]
+    slots = [Slot(key=i, hparams=HPARAMS[i], seed=s) for i, s in enumerate(seeds)]
+    models = [make(s) for s in seeds]
+    trainer = StackedTrainer(data, config, per_slot_data=True)
+    trainer.start([copy.deepcopy(m) for m in models], slots)
+    assert (trainer.model.plan is not None) == (make is mlp)
+    for _ in range(config.epochs):
+        trainer.train_epoch()
+    for i, (model, seed) in enumerate(zip(models, seeds)):
+        # Solo with the same seed: same initial weights, same data order (per-slot data).
+        state = solo_run(model, data, dataclasses.replace(config, seed=seed), HPARAMS[i])
+        for solo_epoch, slot_epoch in zip(state.history, trainer.slots[i].history, strict=True):
+            for name, value in solo_epoch.items():
+                assert slot_epoch[name] == pytest.approx(value, rel=1e-4, abs=1e-5), (i, name)
+        stacked = trainer.model.slot_state_dict(i)
+        for name, value in state.model.state_dict().items():
+            torch.testing.assert_close(stacked[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_data_order_is_one_order_for_every_slot() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu")
+    seeds = [3, 4, 5]
+    models = [mlp(s) for s in seeds]
+    trainer = StackedTrainer(data, config, seed=99)
+    trainer.start([copy.deepcopy(m) for m in models], [Slot(i, HPARAMS[i], s) for i, s in enumerate(seeds)])
+    for _ in range(2):
+        trainer.train_epoch()
+    # Each slot equals its model trained alone on the group's order (seed 99).
+    for i, model in enumerate(models):
+        state = solo_run(model, data, dataclasses.replace(config, seed=99), HPARAMS[i])
+        assert trainer.slots[i].history[-1]["val_loss"] == pytest.approx(state.metrics["val_loss"], rel=1e-4)
+
+
+def test_dropout_rate_is_per_slot() -> None:
+    data = toy_data()
+    models = [mlp(1, dropout=0.0), mlp(1, dropout=0.5)]
+    assert signature(models[0]) == signature(models[1])  # a rate does not change the architecture
+    stacked = StackedModel(models, torch.device("cpu"))
+    x = data.train[0][:64]
+    torch.manual_seed(0)
+    out = stacked(x)
+    stacked.eval()
+    clean = stacked(x)
+    assert torch.allclose(out[0], clean[0]) and not torch.allclose(out[1], clean[1])
+
+
+# --- pruning, refill, shrink -------------------------------------------------------------------
+
+
+class StopAt:
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_end(self, slot: Slot) -> None:
+        if slot.epoch == self.epoch:
+            raise RuntimeError(f"pruned at epoch {slot.epoch}")
+
+
+def test_a_slot_stopped_at_epoch_2_is_refilled_and_the_new_curve_starts_at_epoch_0() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=5, batch_size=32, device="cpu")
+    slots = [Slot("a", HPARAMS[0], 1), Slot("b", HPARAMS[1], 2, callbacks=[StopAt(2)]), Slot("c", HPARAMS[2], 3)]
+    ended: list[Slot] = []
+    seen: dict[str, list[int]] = {}
+
+    class Record:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def on_validation_end(self, slot: Slot) -> None:
+            seen.setdefault(self.name, []).append(slot.epoch)
+
+    for s in slots:
+        s.callbacks.append(Record(s.key))
+    fresh = iter([("d", HPARAMS[3], 4)])
+
+    def refill(slot: Slot):
+        nxt = next(fresh, None)
+        if nxt is None:
+            return None
+        key, hparams, seed = nxt
+        return mlp(seed), hparams, key, seed, [Record(key)]
+
+    trainer = fit_stacked([mlp(1), mlp(2), mlp(3)], slots, data, config, refill=refill, on_slot_end=ended.append)
+    assert trainer.size == 0
+    by_key = {s.key: s for s in ended}
+    assert str(by_key["b"].error) == "pruned at epoch 2" and len(by_key["b"].history) == 3
+    assert seen["d"] == [0, 1, 2, 3, 4] and len(by_key["d"].history) == 5
+    assert by_key["a"].error is None and len(by_key["a"].history) == 5
+    # The refilled slot trained from fresh weights: its first epoch matches a fresh solo run.
+    solo = solo_run(mlp(4), data, dataclasses.replace(config, epochs=1, seed=0), HPARAMS[3])
+    assert by_key["d"].history[0]["val_accuracy"] == pytest.approx(solo.metrics["val_accuracy"], abs=0.1)
+
+
+def test_non_finite_loss_fails_one_slot_only() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu")
+    slots = [Slot(0, {"lr": 1e6, "optimizer": "sgd"}, 1), Slot(1, HPARAMS[0], 2)]
+    ended: list[Slot] = []
+    fit_stacked([mlp(1), mlp(2)], slots, data, config, on_slot_end=ended.append)
+    by_key = {s.key: s for s in ended}
+    assert isinstance(by_key[0].error, trainers.NonFiniteLossError)
+    assert by_key[1].error is None and by_key[1].metrics["val_accuracy"] > 0.5
+
+
+# --- what cannot be stacked -------------------------------------------------------------------
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if h.sum() > 0:  # control flow on a value that differs per slot
+            return h
+        return -h
+
+
+def test_models_that_cannot_be_stacked_are_named_with_the_reason() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=1, batch_size=32, device="cpu")
+    with_bn = [nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)) for _ in range(2)]
+    with pytest.raises(NotVectorizable, match="BatchNorm1d at 1 updates running statistics"):
+        StackedTrainer(data, config).start(with_bn, [Slot(i, {}) for i in range(2)])
+    with pytest.raises(NotVectorizable, match="data-dependent control flow"):
+        StackedTrainer(data, config).start([Branchy(), Branchy()], [Slot(i, {}) for i in range(2)])
+    with pytest.raises(NotVectorizable, match="scheduler"):
+        StackedTrainer(data, dataclasses.replace(config, scheduler="cosine"))

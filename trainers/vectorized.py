@@ -1,0 +1,720 @@
+"""K models of one architecture trained as one stacked model: one forward, one backward and one
+optimizer update per batch for all of them, each slot with its own hyperparameters.
+
+Small models leave the device idle: on a CPU a digits MLP step is mostly per-op overhead, and
+that overhead is paid once for K slots here. The parameters of the K models are stacked along a
+new leading dimension (`torch.func.stack_module_state`); a plain `nn.Sequential` of linear
+layers, element-wise activations and dropout runs as batched matrix products, anything else
+through `torch.func.vmap` over `functional_call`. The loss is the *sum* of the slots' mean
+losses, so each slot's gradient is exactly its own model's gradient.
+
+Per slot, as tensors of shape [K]: learning rate, weight decay, momentum and nesterov (SGD),
+betas and eps (Adam, AdamW), dropout rate. The optimizers below follow `torch.optim` step for
+step. A slot can be replaced (fresh weights and optimizer state, its epoch count back to 0) or
+dropped, so a caller can prune and refill slots while the others train on.
+
+Models that cannot be stacked raise `NotVectorizable` when the group is built (the first
+forward and backward run there), so the caller can train them one at a time instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from trainers import metrics as metrics_mod
+from trainers.callbacks import Dispatch
+from trainers.config import TrainerConfig
+from trainers.data import Data
+from trainers.loop import NonFiniteLossError, optimizer_spec, resolve_device
+from trainers.precision import autocast_for
+
+STACKED_OPTIMIZERS = ("sgd", "adam", "adamw")
+# Options each stacked optimizer takes per slot (torch.optim's names; beta1/beta2 as in build_optimizer).
+OPTIMIZER_OPTIONS = {
+    "sgd": {"lr", "weight_decay", "momentum", "nesterov", "dampening"},
+    "adam": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps"},
+    "adamw": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps"},
+}
+# Parameter-free element-wise modules: applied to a [K, B, ...] tensor they act on each slot alone.
+ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
+               nn.Identity, nn.Hardtanh, nn.ReLU6, nn.SELU, nn.CELU, nn.Softsign, nn.Tanhshrink)
+
+
+class NotVectorizable(RuntimeError):
+    """These models or settings cannot be trained as one stacked model; the message says why."""
+
+
+def signature(model: nn.Module) -> tuple:
+    """What must agree for models to be stacked: every parameter's and buffer's name, shape and
+    dtype, and every submodule's type (an activation choice changes the computation, not the shapes)."""
+    tensors = tuple((name, tuple(t.shape), str(t.dtype)) for name, t in (*model.named_parameters(), *model.named_buffers()))
+    modules = tuple((name, type(m).__qualname__) for name, m in model.named_modules())
+    return tensors, modules
+
+
+def check_model(model: nn.Module) -> None:
+    """Raises `NotVectorizable` for what is known not to stack, before any work."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            raise NotVectorizable(f"{type(module).__name__} at {name or 'the root'} updates running statistics in train mode "
+                                  "(no per-slot handling yet)")
+        if isinstance(module, (nn.RNNBase,)):
+            raise NotVectorizable(f"{type(module).__name__} at {name} uses fused recurrent kernels that vmap cannot batch")
+
+
+def check_settings(config: TrainerConfig, data: Data) -> None:
+    """Raises `NotVectorizable` for trainer settings the stacked loop does not implement yet."""
+    unsupported = {
+        "scheduler": config.scheduler is not None,
+        "precision fp16-mixed (one gradient scaler per slot)": str(config.precision) == "fp16-mixed",
+        "checkpoint_dir (per-slot checkpoints)": config.checkpoint_dir is not None,
+        "log_dir (per-slot loggers)": config.log_dir is not None,
+        "compile": config.compile,
+        "channels_last": config.channels_last,
+    }
+    found = [what for what, on in unsupported.items() if on]
+    if found:
+        raise NotVectorizable(f"trainer setting {', '.join(found)} is not supported by the stacked loop yet")
+    if not (isinstance(data.train, tuple) and isinstance(data.val, tuple)):
+        raise NotVectorizable("the data streams from a DataLoader; the stacked loop needs tensors")
+
+
+def check_hparams(hparams: Mapping[str, Any], config: TrainerConfig) -> dict[str, Any]:
+    """The slot's optimizer spec; raises `NotVectorizable` for an optimizer or option not stacked yet."""
+    if hparams.get("scheduler") is not None:
+        raise NotVectorizable("a per-trial learning-rate schedule is not supported by the stacked loop yet")
+    spec = optimizer_spec(config, hparams)
+    name = str(spec.get("name", "adam")).lower()
+    if name not in STACKED_OPTIMIZERS:
+        raise NotVectorizable(f"optimizer {name} has no stacked implementation (stacked: {', '.join(STACKED_OPTIMIZERS)})")
+    unknown = sorted(set(spec) - {"name"} - OPTIMIZER_OPTIONS[name])
+    if unknown:
+        raise NotVectorizable(f"optimizer {name} option {', '.join(unknown)} is not stacked yet")
+    if name == "sgd" and spec.get("dampening", 0) != 0:
+        raise NotVectorizable("SGD dampening is not stacked yet")
+    return {**spec, "name": name}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stacked model
+
+
+class _SlotDropout(nn.Module):
+    """Dropout whose rate is a buffer, so that stacking gives every slot its own rate."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.register_buffer("p", torch.tensor(float(p)))
+        self.active = True  # False when every slot's rate is 0: no random numbers drawn at all
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.active:
+            return x
+        p = self.p
+        keep = (torch.rand_like(x) >= p).to(x.dtype)
+        return x * keep / (1 - p)
+
+
+def _swap_dropout(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every `nn.Dropout` replaced by `_SlotDropout` of the same rate."""
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(module, child_name, _SlotDropout(child.p))
+    return model
+
+
+def _sequential_plan(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The layers of a `nn.Sequential` that the batched-matmul path can run, or None."""
+    if type(model) is not nn.Sequential:
+        return None
+    plan = []
+    for name, layer in model.named_children():
+        if type(layer) in (nn.Linear, _SlotDropout) or type(layer) in ELEMENTWISE:
+            plan.append((name, layer))
+        else:
+            return None
+    return plan
+
+
+class StackedModel:
+    """K same-shape models as stacked parameter tensors [K, ...] with one forward for all.
+
+    `forward(x)` takes a shared batch [B, ...] or a per-slot one [K, B, ...] and returns [K, B, ...].
+    """
+
+    def __init__(self, models: Sequence[nn.Module], device: torch.device, *, batched: bool | None = None) -> None:
+        if not models:
+            raise ValueError("no models to stack")
+        first = signature(models[0])
+        for i, m in enumerate(models[1:], 1):
+            if signature(m) != first:
+                raise NotVectorizable(f"model {i} has another architecture than model 0 (its signature differs)")
+        for m in models:
+            check_model(m)
+        swapped = [_swap_dropout(m).to(device) for m in models]
+        self.device = device
+        self.base = copy.deepcopy(swapped[0]).to("meta")
+        params, buffers = stack_module_state(swapped)
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
+        self.dropouts = {name: m for name, m in self.base.named_modules() if isinstance(m, _SlotDropout)}
+        self.plan = _sequential_plan(self.base) if batched is not False else None
+        self.training = True
+        self._vmapped = {
+            shared: vmap(self._one, in_dims=(0, 0, None if shared else 0), randomness="different") for shared in (True, False)
+        }
+        self._sync_dropout()
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def train(self, mode: bool = True) -> None:
+        self.training = mode
+        self.base.train(mode)
+
+    def eval(self) -> None:
+        self.train(False)
+
+    def _one(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def forward(self, x: torch.Tensor, *, shared: bool = True) -> torch.Tensor:
+        if self.plan is None:
+            return self._vmapped[shared](self.params, self.buffers, x)
+        h = x
+        for name, layer in self.plan:
+            if type(layer) is nn.Linear:
+                weight, bias = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
+                # [B, in] @ [K, in, out] broadcasts to [K, B, out]; [K, B, in] is a bmm.
+                h = torch.matmul(h, weight.transpose(1, 2))
+                if bias is not None:
+                    h = h + bias.unsqueeze(1)
+            elif type(layer) is _SlotDropout:
+                if self.training and layer.active:
+                    p = self.buffers[f"{name}.p"].view(-1, *([1] * (h.dim() - 1)))
+                    h = h * (torch.rand_like(h) >= p).to(h.dtype) / (1 - p)
+            else:
+                h = layer(h)
+        if h.dim() == x.dim() and shared:  # a plan of element-wise layers only
+            h = h.expand(self.size, *h.shape)
+        return h
+
+    __call__ = forward
+
+    def load_slot(self, index: int, model: nn.Module) -> None:
+        """Copies `model`'s weights and buffers into slot `index` (a refill)."""
+        if signature(model) != signature(self._reference()):
+            raise NotVectorizable("the new model has another architecture than the group")
+        swapped = _swap_dropout(model).to(self.device)
+        with torch.no_grad():
+            for name, value in swapped.named_parameters():
+                self.params[name][index].copy_(value)
+            for name, value in swapped.named_buffers():
+                self.buffers[name][index].copy_(value)
+        self._sync_dropout()
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keeps only the slots at `indices`, in that order (the group shrinks)."""
+        index = torch.tensor(list(indices), device=self.device, dtype=torch.long)
+        self.params = {k: v.detach().index_select(0, index).requires_grad_(True) for k, v in self.params.items()}
+        self.buffers = {k: v.index_select(0, index) for k, v in self.buffers.items()}
+        self._sync_dropout()
+
+    def slot_state_dict(self, index: int) -> dict[str, torch.Tensor]:
+        """Slot `index`'s weights under the original model's names (dropout rates left out)."""
+        out = {k: v[index].detach().clone() for k, v in self.params.items()}
+        out.update({k: v[index].clone() for k, v in self.buffers.items() if k.rsplit(".", 1)[0] not in self.dropouts})
+        return out
+
+    def _reference(self) -> nn.Module:
+        # Signature of the original models: the base with dropout modules put back.
+        ref = copy.deepcopy(self.base)
+        for module in list(ref.modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, _SlotDropout):
+                    setattr(module, child_name, nn.Dropout())
+        return ref
+
+    def _sync_dropout(self) -> None:
+        for name, module in self.dropouts.items():
+            module.active = bool((self.buffers[f"{name}.p"] > 0).any())
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-slot optimizers
+
+
+def _per_slot(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+class StackedOptimizer:
+    """SGD (momentum, nesterov), Adam and AdamW on stacked tensors, each slot with its own kind and
+    hyperparameters, following `torch.optim`'s single-tensor updates.
+
+    One update serves every kind: ``m = a·m + c·g`` is SGD's momentum buffer (a = momentum, c = 1;
+    its first step gives m = g like torch's clone) and Adam's first moment (a = beta1, c = 1 − beta1);
+    the second moment and bias corrections apply to Adam slots only.
+    """
+
+    def __init__(self, params: list[torch.Tensor], specs: Sequence[Mapping[str, Any]]) -> None:
+        self.params = params
+        self.device = params[0].device
+        self.specs = [dict(s) for s in specs]
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.steps = torch.zeros(len(specs), dtype=torch.float64, device=self.device)
+        self._coefficients()
+
+    def _coefficients(self) -> None:
+        rows = [_coefficients(s) for s in self.specs]
+        cols = {key: [r[key] for r in rows] for key in rows[0]}
+        self.c = {key: _per_slot(values, self.device) for key, values in cols.items()}
+        self.is_adam = self.c["adam"] > 0
+        self.any_adam, self.all_adam = bool(self.is_adam.any()), bool(self.is_adam.all())
+        self.any_nesterov = bool((self.c["nesterov"] > 0).any())
+        self.any_l2, self.any_decoupled = bool((self.c["l2"] != 0).any()), bool((self.c["decoupled"] != 0).any())
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        c = self.c
+        if self.any_adam:
+            b1 = c["beta1"].double()
+            b2 = c["beta2"].double()
+            bias1 = 1 - b1 ** self.steps
+            bias2_sqrt = (1 - b2 ** self.steps).sqrt()
+            step_size = torch.where(self.is_adam, c["lr"].double() / bias1, c["lr"].double()).float()
+            bias2_sqrt = torch.where(self.is_adam, bias2_sqrt, torch.ones_like(bias2_sqrt)).float()
+        else:
+            step_size = c["lr"]
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            shape = (-1, *([1] * (p.dim() - 1)))
+            view = lambda t, shape=shape: t.view(shape)  # noqa: E731
+            g = p.grad
+            if self.any_l2:
+                g = g + view(c["l2"]) * p
+            if self.any_decoupled:
+                p.mul_(1 - view(c["lr"] * c["decoupled"]))
+            m.mul_(view(c["a"])).add_(view(c["c"]) * g)
+            if self.any_nesterov:
+                numerator = torch.where(view(c["nesterov"] > 0), g + view(c["a"]) * m, m)
+            else:
+                numerator = m
+            if self.any_adam:
+                v.mul_(view(c["beta2"])).addcmul_(g, g * view(1 - c["beta2"]))
+                denom = v.sqrt() / view(bias2_sqrt) + view(c["eps"])
+                if not self.all_adam:
+                    denom = torch.where(view(self.is_adam), denom, torch.ones_like(denom))
+                p.sub_(view(step_size) * (numerator / denom))
+            else:
+                p.sub_(view(step_size) * numerator)
+
+    def reset_slot(self, index: int, spec: Mapping[str, Any]) -> None:
+        """Fresh state and hyperparameters for slot `index` (a refill)."""
+        with torch.no_grad():
+            for m, v in zip(self.m, self.v):
+                m[index].zero_()
+                v[index].zero_()
+        self.steps[index] = 0
+        self.specs[index] = dict(spec)
+        self._coefficients()
+
+    def rebind(self, params: list[torch.Tensor], indices: Sequence[int]) -> None:
+        """Follows `StackedModel.keep`: new parameter tensors, state of the kept slots only."""
+        index = torch.tensor(list(indices), device=self.device, dtype=torch.long)
+        self.params = params
+        self.m = [m.index_select(0, index) for m in self.m]
+        self.v = [v.index_select(0, index) for v in self.v]
+        self.steps = self.steps.index_select(0, index)
+        self.specs = [self.specs[i] for i in indices]
+        self._coefficients()
+
+
+def _coefficients(spec: Mapping[str, Any]) -> dict[str, float]:
+    name = spec["name"]
+    lr, wd = float(spec.get("lr", 1e-3)), float(spec.get("weight_decay", 0.0))
+    if name == "sgd":
+        momentum = float(spec.get("momentum", 0.0))
+        return {"adam": 0.0, "lr": lr, "l2": wd, "decoupled": 0.0, "a": momentum, "c": 1.0,
+                "nesterov": float(bool(spec.get("nesterov", False))), "beta1": 0.0, "beta2": 0.0, "eps": 0.0}
+    beta1, beta2 = spec.get("betas", (spec.get("beta1", 0.9), spec.get("beta2", 0.999)))
+    beta1, beta2 = float(spec.get("beta1", beta1)), float(spec.get("beta2", beta2))
+    decoupled = name == "adamw"
+    if decoupled and "weight_decay" not in spec:
+        wd = 1e-2  # torch's AdamW default
+    return {"adam": 1.0, "lr": lr, "l2": 0.0 if decoupled else wd, "decoupled": wd if decoupled else 0.0,
+            "a": beta1, "c": 1 - beta1, "nesterov": 0.0, "beta1": beta1, "beta2": beta2, "eps": float(spec.get("eps", 1e-8))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop over a population of slots
+
+
+@dataclass
+class Slot:
+    """One model in the group, as its callbacks see it (the fields `trainers.State` has for one run)."""
+
+    key: Any  # the caller's handle, e.g. a trial
+    hparams: dict[str, Any]
+    seed: int | None = None
+    epoch: int = 0  # the epoch being trained or just validated (0-based), as `State.epoch`
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    callbacks: list[Any] = field(default_factory=list)
+    should_stop: bool = False
+    stop_reason: str | None = None
+    error: BaseException | None = None  # set when this slot failed (a callback raised, a NaN loss)
+    resumed: bool = False  # as `State.resumed`; slots always start fresh
+    generator: torch.Generator | None = None  # per-slot data order
+    global_step: int = 0
+
+    def stop(self, reason: str) -> None:
+        """Ends this slot after the current epoch."""
+        self.should_stop, self.stop_reason = True, reason
+
+    @property
+    def done(self) -> bool:
+        return self.should_stop or self.error is not None
+
+
+Refill = Callable[[Slot], "tuple[nn.Module, dict[str, Any], Any, int | None, list[Any]] | None"]
+
+
+class StackedTrainer:
+    """Trains a group of slots epoch by epoch; the caller may replace or drop slots between epochs.
+
+    Args:
+        per_slot_data: each slot draws its own batch order from a generator seeded with its seed
+            (as `fit` does for one run); otherwise all slots share one order (the default: one
+            gather per batch for all slots, and the slots' curves differ only by their hyperparameters).
+    """
+
+    def __init__(
+        self,
+        data: Data,
+        config: TrainerConfig,
+        *,
+        kind: str = "classification",
+        per_slot_data: bool = False,
+        seed: int | None = None,
+        batched: bool | None = None,
+    ) -> None:
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        check_settings(config, data)
+        self.config, self.kind, self.per_slot_data = config, kind, per_slot_data
+        self.device = resolve_device(config.device)
+        self.autocast = autocast_for(config.precision, self.device)
+        self.data = data.to(self.device)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.batched = batched
+        self.model: StackedModel | None = None
+        self.optimizer: StackedOptimizer | None = None
+        self.slots: list[Slot] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    def start(self, models: Sequence[nn.Module], slots: Sequence[Slot]) -> None:
+        """Builds the stacked model and runs one forward and backward on a real batch: a model that
+        cannot be stacked fails here, with `NotVectorizable`, before any slot trained."""
+        specs = [check_hparams(s.hparams, self.config) for s in slots]
+        self.model = StackedModel(models, self.device, batched=self.batched)
+        self.optimizer = StackedOptimizer(self.model.parameters(), specs)
+        self.slots = list(slots)
+        for slot in self.slots:
+            self._seed_slot(slot)
+        self._probe(models)
+
+    def replace(self, index: int, model: nn.Module, slot: Slot) -> None:
+        """Slot `index` starts over with `model` (fresh weights and optimizer state) as `slot`."""
+        spec = check_hparams(slot.hparams, self.config)
+        self.model.load_slot(index, model)
+        self.optimizer.reset_slot(index, spec)
+        self._seed_slot(slot)
+        self.slots[index] = slot
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Drops every slot not in `indices` (the group shrinks)."""
+        if not indices:
+            self.slots = []
+            return
+        self.model.keep(indices)
+        self.optimizer.rebind(self.model.parameters(), indices)
+        self.slots = [self.slots[i] for i in indices]
+
+    def _seed_slot(self, slot: Slot) -> None:
+        if self.per_slot_data and slot.generator is None and slot.seed is not None:
+            slot.generator = torch.Generator().manual_seed(slot.seed)
+
+    def _probe(self, models: Sequence[nn.Module]) -> None:
+        x = self.data.train[0][: self.config.batch_size]
+        batch = (x,) if not self.per_slot_data else (x.expand(self.size, *x.shape),)
+        try:
+            with self.autocast():
+                out = self.model(batch[0], shared=not self.per_slot_data)
+            out.float().sum().backward()
+            self.optimizer.zero_grad()
+            # Same outputs as the models themselves (eval mode, so dropout does not differ): this
+            # catches modules whose forward keeps Python state that stacking would share.
+            self.model.eval()
+            with torch.no_grad():
+                stacked = self.model(x)[0].float()
+                own = copy.deepcopy(models[0]).to(self.device).eval()(x).float()
+            self.model.train()
+        except NotVectorizable:
+            raise
+        except Exception as err:  # vmap's own errors say what it could not batch
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise NotVectorizable(f"{type(err).__name__} in the stacked forward/backward: {first[:300]}") from err
+        if stacked.shape != own.shape or not torch.allclose(stacked, own, rtol=1e-3, atol=1e-4):
+            raise NotVectorizable("the stacked model's output differs from the model's own (a module keeps state outside its tensors?)")
+
+    def _train_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor, bool]]:
+        x, y = self.data.train[0], self.data.train[1]
+        n, size = len(x), self.config.batch_size
+        if self.per_slot_data:
+            orders = torch.stack([torch.randperm(n, generator=s.generator) if self.config.shuffle else torch.arange(n)
+                                  for s in self.slots]).to(self.device)
+            for start in range(0, n, size):
+                index = orders[:, start:start + size]
+                yield x[index], y[index], False
+            return
+        order = torch.randperm(n, generator=self.generator).to(self.device) if self.config.shuffle else None
+        for start in range(0, n, size):
+            if order is None:
+                yield x[start:start + size], y[start:start + size], True
+            else:
+                index = order[start:start + size]
+                yield x[index], y[index], True
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor, shared: bool) -> torch.Tensor:
+        """Each slot's mean loss over the batch, [K]."""
+        k = out.shape[0]
+        targets = y.expand(k, *y.shape) if shared else y
+        if self.kind == "classification":
+            per = F.cross_entropy(out.flatten(0, 1), targets.flatten(0, 1), reduction="none")
+        else:
+            per = F.mse_loss(out.reshape(targets.shape), targets, reduction="none")
+        return per.reshape(k, -1).mean(1)
+
+    def train_epoch(self) -> list[Slot]:
+        """One pass over the training data for every slot, then validation: each slot's `metrics`
+        and `history` grow by one epoch. Returns the slots (`epoch` is the epoch just validated)."""
+        config = self.config
+        model, optimizer = self.model, self.optimizer
+        model.train()
+        loss_sum = torch.zeros(self.size, device=self.device)
+        steps = 0
+        accumulate = config.accumulate_grad_batches
+        batches = list(self._train_batches())
+        for i, (x, y, shared) in enumerate(batches):
+            with self.autocast():
+                out = model(x, shared=shared)
+            losses = self._loss(out, y, shared)
+            (losses.sum() / accumulate if accumulate > 1 else losses.sum()).backward()
+            if (i + 1) % accumulate == 0 or i + 1 == len(batches):
+                self._clip()
+                optimizer.step()
+                optimizer.zero_grad()
+            loss_sum += losses.detach()
+            steps += 1
+        for slot in self.slots:
+            slot.global_step += -(-steps // accumulate)
+        train_loss = loss_sum / max(steps, 1)
+        per_slot = self.evaluate(train_loss)
+        for slot, metrics in zip(self.slots, per_slot):
+            slot.metrics = metrics
+            slot.history.append(metrics)
+            if not math.isfinite(metrics["train_loss"]):
+                slot.error = NonFiniteLossError(f"training loss is {metrics['train_loss']} at epoch {slot.epoch}")
+        return self.slots
+
+    def _clip(self) -> None:
+        value = self.config.gradient_clip_val
+        if value is None:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.config.gradient_clip_algorithm == "value":
+            for g in grads:
+                g.clamp_(-value, value)
+            return
+        # Per slot: the total norm over that slot's parameters, as clip_grad_norm_ computes it.
+        norms = torch.stack([g.flatten(1).float().pow(2).sum(1) for g in grads]).sum(0).sqrt()
+        coef = (value / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+
+    @torch.no_grad()
+    def evaluate(self, train_loss: torch.Tensor | None = None) -> list[dict[str, float]]:
+        """Each slot's validation metrics, as `trainers.loop.evaluate` computes them for one model."""
+        self.model.eval()
+        x_all, y_all = self.data.val[0], self.data.val[1]
+        sums: list[dict[str, torch.Tensor]] = [{} for _ in self.slots]
+        size = self.config.eval_batch_size
+        for start in range(0, len(x_all), size):
+            x, y = x_all[start:start + size], y_all[start:start + size]
+            with self.autocast():
+                out = self.model(x)
+            for k in range(self.size):
+                if self.kind == "classification":
+                    batch = metrics_mod.classification_sums(out[k], y, self.config.top_k)
+                else:
+                    batch = metrics_mod.regression_sums(out[k], y)
+                metrics_mod.accumulate(sums[k], batch)
+        self.model.train()
+        count = len(x_all)
+        extra = [{} if train_loss is None else {"train_loss": train_loss[k]} for k in range(self.size)]
+        return [metrics_mod.finalize(sums[k], count, extra[k]) for k in range(self.size)]
+
+
+def fit_stacked(
+    models: Sequence[nn.Module],
+    slots: Sequence[Slot],
+    data: Data,
+    config: TrainerConfig,
+    *,
+    kind: str = "classification",
+    per_slot_data: bool = False,
+    seed: int | None = None,
+    refill: Refill | None = None,
+    on_slot_end: Callable[[Slot], None] | None = None,
+    batched: bool | None = None,
+) -> StackedTrainer:
+    """Trains the slots until each has run `config.epochs` epochs or stopped; returns the trainer.
+
+    After every validation each slot's callbacks get ``on_validation_end(slot)`` (and
+    ``on_epoch_end``): a callback stops its slot with ``slot.stop(reason)``; one that raises ends
+    that slot only, with `slot.error`. A slot that is done is handed to `on_slot_end`, then
+    `refill(slot)` may give ``(model, hparams, key, seed, callbacks)`` for a new slot in its place
+    (its epochs start at 0); otherwise the group shrinks.
+    """
+    trainer = StackedTrainer(data, config, kind=kind, per_slot_data=per_slot_data, seed=seed, batched=batched)
+    trainer.start(models, slots)
+    for slot in trainer.slots:
+        Dispatch(slot.callbacks)("on_fit_start", slot)
+    while trainer.size:
+        trainer.train_epoch()
+        keep, replacements = [], []
+        for index, slot in enumerate(trainer.slots):
+            _validation_end(slot)
+            if slot.epoch + 1 >= config.epochs and not slot.done:
+                slot.stop("finished")
+            if not slot.done:
+                slot.epoch += 1
+                keep.append(index)
+                continue
+            if on_slot_end is not None:
+                on_slot_end(slot)
+            new = refill(slot) if refill is not None else None
+            if new is not None:
+                replacements.append((index, new))
+                keep.append(index)
+        for index, (model, hparams, key, slot_seed, callbacks) in replacements:
+            fresh = Slot(key=key, hparams=hparams, seed=slot_seed, callbacks=list(callbacks))
+            trainer.replace(index, model, fresh)
+            Dispatch(fresh.callbacks)("on_fit_start", fresh)
+        if len(keep) < trainer.size:
+            trainer.keep(keep)
+    return trainer
+
+
+def _validation_end(slot: Slot) -> None:
+    if slot.error is not None:
+        return
+    emit = Dispatch(slot.callbacks)
+    try:
+        emit("on_validation_end", slot)
+        emit("on_epoch_end", slot)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # one slot's callback (e.g. pruning) ends that slot, not the group
+        slot.error = err
+
+
+def probe_width(
+    make_model: Callable[[], nn.Module],
+    hparams: Mapping[str, Any],
+    data: Data,
+    config: TrainerConfig,
+    *,
+    kind: str = "classification",
+    max_width: int = 64,
+    steps: int = 8,
+) -> tuple[int, dict[int, float]]:
+    """Chooses K: doubles the width while the time per slot per training step falls by more than
+    5 % and memory holds (out of memory backs off to the last width that fit).
+
+    Returns the width and the measured seconds per slot-step by width.
+    """
+    timings: dict[int, float] = {}
+    best, width = 1, 1
+    while width <= max_width:
+        try:
+            trainer = StackedTrainer(data, config, kind=kind)
+            trainer.start([make_model() for _ in range(width)], [Slot(None, dict(hparams)) for _ in range(width)])
+            batches = list(trainer._train_batches())[:steps + 2]
+            for i, (x, y, shared) in enumerate(batches):
+                if i == 2:
+                    _sync(trainer.device)
+                    started = time.perf_counter()
+                trainer._loss(trainer.model(x, shared=shared), y, shared).sum().backward()
+                trainer.optimizer.step()
+                trainer.optimizer.zero_grad()
+            _sync(trainer.device)
+            per_slot = (time.perf_counter() - started) / max(len(batches) - 2, 1) / width
+        except torch.OutOfMemoryError:
+            if resolve_device(config.device).type == "cuda":
+                torch.cuda.empty_cache()
+            break
+        timings[width] = per_slot
+        if width > 1 and per_slot > 0.95 * timings[best]:
+            break
+        if per_slot <= timings[best]:
+            best = width
+        width *= 2
+    return best, timings
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = [
+    "NotVectorizable",
+    "Slot",
+    "StackedModel",
+    "StackedOptimizer",
+    "StackedTrainer",
+    "check_hparams",
+    "check_model",
+    "check_settings",
+    "fit_stacked",
+    "probe_width",
+    "signature",
+]
