@@ -119,7 +119,9 @@ def test_grouped_training_gives_each_trial_its_solo_curve_and_weights(make) -> N
     config = trainers.TrainerConfig(epochs=4, batch_size=32, device="cpu")
     seeds = [11, 12, 13, 14, 15]
     slots = [Slot(key=i, hparams=HPARAMS[i], seed=s) for i, s in enumerate(seeds)]
-    models = [make(s) for s in seeds]
+    # The batched path also stacks MLPs whose activations differ.
+    acts = [nn.ReLU, nn.GELU, nn.Tanh, nn.ReLU, nn.SiLU]
+    models = [make(s, act=acts[i]) if make is mlp else make(s) for i, s in enumerate(seeds)]
     trainer = StackedTrainer(data, config, per_slot_data=True)
     trainer.start([copy.deepcopy(m) for m in models], slots)
     assert (trainer.model.plan is not None) == (make is mlp)
@@ -149,6 +151,14 @@ def test_shared_data_order_is_one_order_for_every_slot() -> None:
     for i, model in enumerate(models):
         state = solo_run(model, data, dataclasses.replace(config, seed=99), HPARAMS[i])
         assert trainer.slots[i].history[-1]["val_loss"] == pytest.approx(state.metrics["val_loss"], rel=1e-4)
+
+
+def test_signature_ignores_activation_only_where_the_batched_path_handles_it() -> None:
+    assert signature(mlp(0, act=nn.ReLU)) == signature(mlp(1, act=nn.GELU))
+    assert signature(mlp(0, act=nn.ReLU), exact=True) != signature(mlp(1, act=nn.GELU), exact=True)
+    assert signature(mlp(0, width=16)) != signature(mlp(0, width=32))
+    with pytest.raises(NotVectorizable, match="activations differ"):
+        StackedModel([mlp(0, act=nn.ReLU), mlp(1, act=nn.GELU)], torch.device("cpu"), batched=False)
 
 
 def test_dropout_rate_is_per_slot() -> None:

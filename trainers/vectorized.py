@@ -54,11 +54,18 @@ class NotVectorizable(RuntimeError):
     """These models or settings cannot be trained as one stacked model; the message says why."""
 
 
-def signature(model: nn.Module) -> tuple:
+def signature(model: nn.Module, *, exact: bool = False) -> tuple:
     """What must agree for models to be stacked: every parameter's and buffer's name, shape and
-    dtype, and every submodule's type (an activation choice changes the computation, not the shapes)."""
+    dtype, and every submodule's type.
+
+    In a plain `nn.Sequential` of linear layers, element-wise activations and dropout (the
+    batched-matmul path) the activations may differ per slot: each distinct one is applied to
+    the whole stack and the slots pick theirs, so there the activation is left out unless `exact`.
+    """
     tensors = tuple((name, tuple(t.shape), str(t.dtype)) for name, t in (*model.named_parameters(), *model.named_buffers()))
-    modules = tuple((name, type(m).__qualname__) for name, m in model.named_modules())
+    loose = not exact and _sequential_plan(model) is not None
+    modules = tuple((name, "elementwise" if loose and type(m) in ELEMENTWISE else type(m).__qualname__)
+                    for name, m in model.named_modules())
     return tensors, modules
 
 
@@ -141,7 +148,7 @@ def _sequential_plan(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
         return None
     plan = []
     for name, layer in model.named_children():
-        if type(layer) in (nn.Linear, _SlotDropout) or type(layer) in ELEMENTWISE:
+        if type(layer) in (nn.Linear, nn.Dropout, _SlotDropout) or type(layer) in ELEMENTWISE:
             plan.append((name, layer))
         else:
             return None
@@ -171,6 +178,12 @@ class StackedModel:
         self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
         self.dropouts = {name: m for name, m in self.base.named_modules() if isinstance(m, _SlotDropout)}
         self.plan = _sequential_plan(self.base) if batched is not False else None
+        if self.plan is None and any(signature(m, exact=True) != signature(models[0], exact=True) for m in models):
+            raise NotVectorizable("the models' activations differ, which only the batched-matmul path of an nn.Sequential handles")
+        # Each slot's own activation modules, by position (the batched path applies them per slot).
+        self.activations = {name: [getattr(m, name) for m in swapped] for name, layer in (self.plan or [])
+                            if type(layer) in ELEMENTWISE}
+        self._sync_activations()
         self.training = True
         self._vmapped = {
             shared: vmap(self._one, in_dims=(0, 0, None if shared else 0), randomness="different") for shared in (True, False)
@@ -211,12 +224,30 @@ class StackedModel:
                     # rand < keep, in place: 4 passes (bernoulli_ with a tensor of rates is several times slower).
                     h = h * torch.rand_like(h).lt_(keep).div_(keep.clamp_min(1e-12))
             else:
-                h = layer(h)
+                h = self._activate(name, h)
         if h.dim() == x.dim() and shared:  # a plan of element-wise layers only
             h = h.expand(self.size, *h.shape)
         return h
 
     __call__ = forward
+
+    def _activate(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        kinds = self._kinds[name]
+        out = kinds[0][0](h)
+        for module, mask in kinds[1:]:  # a mixed group: each distinct activation once, each slot takes its own
+            out = torch.where(mask.view(-1, *([1] * (h.dim() - 1))), module(h), out)
+        return out
+
+    def _sync_activations(self) -> None:
+        """Per position: the distinct activations among the slots, with the mask of slots using each."""
+        self._kinds: dict[str, list[tuple[nn.Module, torch.Tensor | None]]] = {}
+        for name, modules in self.activations.items():
+            keys = [(type(m), m.extra_repr()) for m in modules]
+            distinct = list(dict.fromkeys(keys))
+            self._kinds[name] = [
+                (modules[keys.index(key)], torch.tensor([k == key for k in keys], device=self.device))
+                for key in distinct
+            ]
 
     def load_slot(self, index: int, model: nn.Module) -> None:
         """Copies `model`'s weights and buffers into slot `index` (a refill)."""
@@ -228,14 +259,19 @@ class StackedModel:
                 self.params[name][index].copy_(value)
             for name, value in swapped.named_buffers():
                 self.buffers[name][index].copy_(value)
+        for name, modules in self.activations.items():
+            modules[index] = getattr(swapped, name)
         self._sync_dropout()
+        self._sync_activations()
 
     def keep(self, indices: Sequence[int]) -> None:
         """Keeps only the slots at `indices`, in that order (the group shrinks)."""
         index = torch.tensor(list(indices), device=self.device, dtype=torch.long)
         self.params = {k: v.detach().index_select(0, index).requires_grad_(True) for k, v in self.params.items()}
         self.buffers = {k: v.index_select(0, index) for k, v in self.buffers.items()}
+        self.activations = {name: [modules[i] for i in indices] for name, modules in self.activations.items()}
         self._sync_dropout()
+        self._sync_activations()
 
     def slot_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """Slot `index`'s weights under the original model's names (dropout rates left out)."""
