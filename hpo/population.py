@@ -51,6 +51,7 @@ class Member:
     seed: int | None
     model: torch.nn.Module | None = None
     signature: tuple | None = None  # None: runs alone
+    reason: str | None = None  # why it runs alone, when stacking was ruled out
 
 
 def run(study: optuna.Study, config: Config, task: objective.Task, threads: int | None, seed: int | None,
@@ -70,6 +71,7 @@ class Population:
         self.pool: list[Member] = []  # asked, not yet training
         self.active: list[Member] = []  # training in the current group
         self.budget_spent = False
+        self.warned: set[str] = set()
         self.solo_reason = self._global_reason()
         if self.solo_reason:
             self._warn(self.solo_reason)
@@ -121,8 +123,8 @@ class Population:
             member.model = self.task.model(params, self.task.data(params))
             vectorized.check_model(member.model)
             member.signature = vectorized.signature(member.model)
-        except NotVectorizable:
-            member.model = None
+        except NotVectorizable as err:
+            member.model, member.reason = None, str(err)
         except Exception:  # the factory's own error is recorded when the trial runs alone
             member.model = None
         return member
@@ -229,6 +231,8 @@ class Population:
     def _solo(self, member: Member) -> None:
         from hpo.worker import _run_one
 
+        if member.reason:
+            self._warn(member.reason)
         self._record_start(member, 1)
         self.active = [member]
         self._beat()
@@ -287,4 +291,7 @@ class Population:
         return width
 
     def _warn(self, reason: str) -> None:
+        if reason in self.warned:
+            return  # one line per reason, not one per trial
+        self.warned.add(reason)
         print(f"hpo: warning: vectorize: {reason}; running trials one at a time", file=sys.stderr, flush=True)

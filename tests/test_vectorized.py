@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
+import json
+from typing import Any
 
+import optuna
 import pytest
 import torch
+import yaml
+from conftest import DIGITS_YAML
+from optuna.trial import TrialState
 from torch import nn
 
 import trainers
+from hpo import coordinator, worker
+from hpo.config import ConfigError, Vectorize, config_from_dict, load_config
+from hpo.storage import open_storage
 from trainers.vectorized import (
     NotVectorizable,
     Slot,
@@ -258,3 +268,153 @@ def test_models_that_cannot_be_stacked_are_named_with_the_reason() -> None:
         StackedTrainer(data, config).start([Branchy(), Branchy()], [Slot(i, {}) for i in range(2)])
     with pytest.raises(NotVectorizable, match="scheduler"):
         StackedTrainer(data, dataclasses.replace(config, scheduler="cosine"))
+
+
+# --- population mode in the worker --------------------------------------------------------------
+
+POP_TASK = '''
+import torch
+from torch import nn
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 8, generator=g)
+    y = ((x[:, 0] + 0.5 * x[:, 1]) > 0).long()
+    return x[:256], y[:256], x[256:], y[256:]
+
+def model(params):
+    m = params.get("model", {})
+    width = m.get("width", 16)
+    if m.get("norm"):
+        return nn.Sequential(nn.Linear(8, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 2))
+    return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Dropout(m.get("dropout", 0.0)), nn.Linear(width, 2))
+'''
+
+
+def pop_study(tmp_path, name: str, *, vectorize: dict | None, baseline: list, n_trials: int, epochs: int = 4,
+              pruner: Any = "none", space: dict | None = None) -> str:
+    (tmp_path / "poptask.py").write_text(POP_TASK)
+    raw = {
+        "study": {"name": name, "direction": "maximize", "metric": "val_accuracy", "n_trials": n_trials, "seed": 3,
+                  "sampler": "random", "pruner": pruner},
+        "trainer": {"epochs": epochs, "batch_size": 32, "device": "cpu", "threads": 1},
+        "task": {"model": "poptask:model", "data": "poptask:data"},
+        "space": space or {
+            "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+            "model": {"width": {"type": "categorical", "choices": [8, 16]}, "norm": False},
+            "optimizer": {"type": "categorical", "choices": {"adam": {"beta1": {"type": "float", "low": 0.8, "high": 0.95}},
+                                                              "sgd": {"momentum": {"type": "float", "low": 0.0, "high": 0.9}}}},
+        },
+        "baseline": baseline,
+    }
+    if vectorize is not None:
+        raw["study"]["vectorize"] = vectorize
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def run_study(path: str, url: str, name: str) -> tuple[optuna.Study, worker.Summary]:
+    coordinator.create(load_config(path), open_storage(url))
+    summary = worker.run_worker(name, url, index=0, threads=1)
+    return optuna.load_study(study_name=name, storage=open_storage(url)), summary
+
+
+MIXED = [
+    {"lr": 0.05, "model": {"width": 8}, "optimizer": {"name": "adam", "beta1": 0.9}},
+    {"lr": 0.02, "model": {"width": 16}, "optimizer": {"name": "sgd", "momentum": 0.9}},
+    {"lr": 0.01, "model": {"width": 8}, "optimizer": {"name": "sgd", "momentum": 0.5}},
+    {"lr": 0.03, "model": {"width": 16}, "optimizer": {"name": "adam", "beta1": 0.85}},
+    {"lr": 0.04, "model": {"width": 8}, "optimizer": {"name": "adam", "beta1": 0.8}},
+]
+
+
+def test_population_groups_one_ask_by_architecture_and_each_trial_keeps_its_solo_curve(tmp_path) -> None:
+    vec, vec_summary = run_study(pop_study(tmp_path, "vec", vectorize={"width": 5, "data": "per_slot"}, baseline=MIXED, n_trials=5),
+                                 str(tmp_path / "vec.journal"), "vec")
+    solo, _ = run_study(pop_study(tmp_path, "solo", vectorize=None, baseline=MIXED, n_trials=5),
+                        str(tmp_path / "solo.journal"), "solo")
+    assert vec_summary.states == {"COMPLETE": 5}
+    trials = vec.get_trials()
+    # One ask of five: widths 8 (three trials) and 16 (two) trained as two groups.
+    assert [t.user_attrs["hpo:vectorized_width"] for t in trials] == [3, 2, 3, 2, 3]
+    for t in trials:
+        assert t.user_attrs["hpo:vectorize"] == {"width": 5, "auto": False, "data": "per_slot"}
+        assert t.user_attrs["hpo:worker"] and t.user_attrs["hpo:seeds"]["trial"] == 3 + t.number
+        assert set(t.user_attrs["hpo:metrics"]) >= {"val_accuracy", "val_loss", "train_loss"}
+    # Per-slot data order and the trial's seed: the same curve as the trial trained alone.
+    for grouped, alone in zip(trials, solo.get_trials(), strict=True):
+        assert grouped.params == alone.params
+        assert list(grouped.intermediate_values) == [0, 1, 2, 3]
+        for step, value in alone.intermediate_values.items():
+            assert grouped.intermediate_values[step] == pytest.approx(value, abs=1e-6)
+        assert grouped.user_attrs["hpo:metrics"]["val_loss"] == pytest.approx(alone.user_attrs["hpo:metrics"]["val_loss"], rel=1e-4)
+
+
+def test_population_prunes_a_slot_at_epoch_2_and_refills_it_with_a_trial_that_starts_at_epoch_0(tmp_path) -> None:
+    slow = {"lr": 1e-3, "model": {"width": 16}, "optimizer": {"name": "sgd", "momentum": 0.0}}
+    good = [{"lr": 0.05, "model": {"width": 16}, "optimizer": {"name": "adam", "beta1": 0.9}}] * 4
+    pruner = {"name": "threshold", "options": {"lower": 0.7, "n_warmup_steps": 2}}
+    study, summary = run_study(
+        pop_study(tmp_path, "prune", vectorize={"width": 4}, baseline=[slow, *good], n_trials=5, epochs=5, pruner=pruner),
+        str(tmp_path / "prune.journal"), "prune")
+    trials = study.get_trials()
+    assert summary.states == {"PRUNED": 1, "COMPLETE": 4}
+    assert trials[0].state == TrialState.PRUNED and list(trials[0].intermediate_values) == [0, 1, 2]
+    assert trials[0].user_attrs["hpo:pruned"].startswith("pruned at epoch 2")
+    # Trial 4 was asked when slot 0 was freed, and trained five epochs of its own from epoch 0.
+    refill = trials[4]
+    assert refill.state == TrialState.COMPLETE and list(refill.intermediate_values) == [0, 1, 2, 3, 4]
+    assert refill.user_attrs["hpo:vectorized_width"] == 4
+    assert refill.datetime_start > trials[0].datetime_complete - datetime.timedelta(seconds=1)
+    assert refill.datetime_complete > trials[3].datetime_complete
+
+
+def test_a_model_that_cannot_be_stacked_runs_alone_with_one_warning_line(tmp_path, capfd) -> None:
+    space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}, "model": {"width": 16, "norm": True}}
+    study, summary = run_study(pop_study(tmp_path, "bn", vectorize={"width": 4}, baseline=[], n_trials=6, space=space),
+                               str(tmp_path / "bn.journal"), "bn")
+    assert summary.states == {"COMPLETE": 6}
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["hpo: warning: vectorize: BatchNorm1d at 1 updates running statistics in train mode "
+                        "(no per-slot handling yet); running trials one at a time"]
+    assert all(t.user_attrs["hpo:vectorized_width"] == 1 for t in study.get_trials())
+
+
+def test_auto_width_is_measured_and_recorded(tmp_path, capfd) -> None:
+    study, summary = run_study(pop_study(tmp_path, "auto", vectorize={"width": "auto", "max_width": 8}, baseline=[], n_trials=6),
+                               str(tmp_path / "auto.journal"), "auto")
+    assert sum(summary.states.values()) == 6
+    chosen = {t.user_attrs["hpo:vectorize"]["width"] for t in study.get_trials()}
+    assert len(chosen) == 1 and chosen.pop() in (1, 2, 4, 8)
+    assert "hpo: vectorize: auto chose width" in capfd.readouterr().err
+
+
+# --- the study file ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("vectorize", "expected"), [
+    ("{width: 0}", "study.vectorize.width: 0 is not a positive integer or auto (expected an integer >= 1 or auto)"),
+    ("{width: fast}", "study.vectorize.width: 'fast' is not a positive integer or auto (expected an integer >= 1 or auto)"),
+    ("{widht: 4}", "study.vectorize.widht: unknown key; did you mean width? (expected one of data, max_width, width)"),
+    ("{width: 4, data: per-slot}", "study.vectorize.data: 'per-slot' is not a data mode; did you mean per_slot? (expected shared or per_slot)"),
+    ("{width: 4, max_width: 8}", "study.vectorize.max_width: max_width bounds auto only (expected width: auto, or no max_width)"),
+    ("{width: auto, max_width: 0}", "study.vectorize.max_width: 0 is not an integer >= 1 (expected an integer >= 1)"),
+    ("8", "study.vectorize: 8 is not a mapping (expected vectorize: {width: 8} or {width: auto})"),
+])
+def test_vectorize_mistakes_are_one_line_each_with_the_line_number(tmp_path, vectorize: str, expected: str) -> None:
+    text = DIGITS_YAML.read_text().replace("  n_trials: 40\n", f"  n_trials: 40\n  vectorize: {vectorize}\n")
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert [str(p) for p in info.value.problems] == [f"{path}:8: {expected}"]
+
+
+def test_vectorize_defaults_and_round_trip(tmp_path) -> None:
+    text = DIGITS_YAML.read_text().replace("  n_trials: 40\n", "  n_trials: 40\n  vectorize: {}\n")
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    config = load_config(str(path))
+    assert config.study.vectorize == Vectorize(width="auto", data="shared", max_width=64)
+    assert config_from_dict(json.loads(json.dumps(config.raw)), "stored").study == config.study
