@@ -7,13 +7,15 @@ import copy
 import dataclasses
 import datetime
 import json
+import subprocess
+import sys
 from typing import Any
 
 import optuna
 import pytest
 import torch
 import yaml
-from conftest import DIGITS_YAML
+from conftest import DIGITS_YAML, hpo, study_file
 from optuna.trial import TrialState
 from torch import nn
 
@@ -418,3 +420,54 @@ def test_vectorize_defaults_and_round_trip(tmp_path) -> None:
     config = load_config(str(path))
     assert config.study.vectorize == Vectorize(width="auto", data="shared", max_width=64)
     assert config_from_dict(json.loads(json.dumps(config.raw)), "stored").study == config.study
+
+
+# --- end to end: the CLI, Redis, two workers ---------------------------------------------------
+
+
+def population_file(tmp_path, name: str, width: Any = 4) -> str:
+    """The shipped digits study, short, in population mode; the low-lr baseline is pruned at epoch 1."""
+    from test_e2e import FAST, SLOW_BASELINE
+
+    path = study_file(tmp_path, name, **FAST)
+    raw = yaml.safe_load(path.read_text())
+    raw["baseline"] = [SLOW_BASELINE]
+    raw["study"]["vectorize"] = {"width": width}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.e2e
+def test_hpo_run_in_population_mode(tmp_path) -> None:
+    result = hpo("run", population_file(tmp_path, "pop-run"), "--threads", "1", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "best: trial #" in result.stdout
+    study = optuna.load_study(study_name="pop-run", storage=open_storage(str(tmp_path / "hpo.journal")))
+    trials = study.get_trials()
+    assert len(trials) == 9 and {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert trials[0].state == TrialState.PRUNED and study.best_value > 0.5
+    assert all(t.user_attrs["hpo:vectorize"]["width"] == 4 for t in trials)
+    status = hpo("status", "--json", cwd=tmp_path)
+    assert json.loads(status.stdout)["counts"]["COMPLETE"] == sum(t.state == TrialState.COMPLETE for t in trials)
+
+
+@pytest.mark.e2e
+def test_two_population_workers_share_a_study_on_redis(tmp_path, redis_url: str) -> None:
+    name = "pop-redis"
+    created = hpo("create", population_file(tmp_path, name), "--storage", redis_url, cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", name, "--storage", redis_url, "--threads", "1",
+                          "--worker-index", str(i)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    for w in workers:
+        _out, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err
+    study = optuna.load_study(study_name=name, storage=open_storage(redis_url))
+    trials = study.get_trials()
+    # The budget held across both workers' asks of up to four trials each.
+    assert len(trials) == 9
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert len({t.user_attrs["hpo:worker"] for t in trials}) == 2
+    assert max(t.user_attrs["hpo:vectorized_width"] for t in trials) >= 2
