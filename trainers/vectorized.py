@@ -314,6 +314,13 @@ class StackedOptimizer:
         self.m = [torch.zeros_like(p) for p in params]  # SGD's momentum buffer, Adam's first moment
         self.v = [torch.zeros_like(p) for p in params]  # Adam's second moment
         self.steps = [torch.zeros((), dtype=torch.float32, device=params[0].device) for _ in specs]
+        self._views()
+
+    def _views(self) -> None:
+        # Per slot, the views of its tensors, made once (`unbind` is one call per tensor, not per slot).
+        self.slot_params = list(zip(*(p.unbind(0) for p in self.params)))
+        self.slot_m = list(zip(*(m.unbind(0) for m in self.m)))
+        self.slot_v = list(zip(*(v.unbind(0) for v in self.v)))
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -322,10 +329,11 @@ class StackedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        every = len(live) == len(self.params)
+        slot_grads = list(zip(*(self.params[i].grad.unbind(0) for i in live)))
         for k, (kind, options) in enumerate(self.specs):
-            params = [self.params[i][k] for i in live]
-            grads = [self.params[i].grad[k] for i in live]
-            m = [self.m[i][k] for i in live]
+            pick = (lambda views: list(views)) if every else (lambda views: [views[i] for i in live])  # noqa: E731
+            params, grads, m = pick(self.slot_params[k]), list(slot_grads[k]), pick(self.slot_m[k])
             if kind == "sgd":
                 # Zero-initialized buffers: the first update gives buf = grad, as torch's clone does.
                 torch._fused_sgd_(params, grads, m if options["momentum"] else [], is_first_step=False,
@@ -333,7 +341,7 @@ class StackedOptimizer:
                 continue
             self.steps[k] += 1
             fused = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
-            fused(params, grads, m, [self.v[i][k] for i in live], [], [self.steps[k]] * len(live),
+            fused(params, grads, m, pick(self.slot_v[k]), [], [self.steps[k]] * len(live),
                   amsgrad=False, maximize=False, **options)
 
     def reset_slot(self, index: int, spec: Mapping[str, Any]) -> None:
@@ -353,6 +361,7 @@ class StackedOptimizer:
         self.v = [v.index_select(0, index) for v in self.v]
         self.steps = [self.steps[i] for i in indices]
         self.specs = [self.specs[i] for i in indices]
+        self._views()
 
 
 def _fused_options(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
