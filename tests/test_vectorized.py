@@ -471,3 +471,16 @@ def test_two_population_workers_share_a_study_on_redis(tmp_path, redis_url: str)
     assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert len({t.user_attrs["hpo:worker"] for t in trials}) == 2
     assert max(t.user_attrs["hpo:vectorized_width"] for t in trials) >= 2
+
+
+def test_the_heartbeat_covers_every_trial_a_population_worker_holds(tmp_path) -> None:
+    from hpo import heartbeat
+
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "b.journal")), study_name="beat")
+    trials = [study.ask() for _ in range(3)]
+    beat = heartbeat.Heartbeat(study, "w", 30, 120, 2)
+    beat.running(trials)
+    assert heartbeat.workers(study)["w"]["trial"] == 0 and heartbeat.workers(study)["w"]["trials"] == [0, 1, 2]
+    beat.running(None)
+    beat.beat()
+    assert heartbeat.workers(study)["w"]["trial"] is None
