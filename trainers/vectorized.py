@@ -672,40 +672,56 @@ def probe_width(
     *,
     kind: str = "classification",
     max_width: int = 64,
-    steps: int = 8,
+    steps: int = 6,
+    repeats: int = 3,
 ) -> tuple[int, dict[int, float]]:
-    """Chooses K: doubles the width while the time per slot per training step falls by more than
-    5 % and memory holds (out of memory backs off to the last width that fit).
+    """Chooses K by measurement: doubles the width while the time per slot per training step
+    falls, and returns the fastest width with the seconds per slot-step measured at each.
 
-    Returns the width and the measured seconds per slot-step by width.
+    Each width is timed `repeats` times over `steps` steps and the fastest repeat counts, so a
+    burst of load from another process does not end the growth; growth stops after two widths in
+    a row that do not beat the best by 5 %, on out of memory (backing off to the last width that
+    fit), or when the device's memory is more than 80 % used.
     """
+    device = resolve_device(config.device)
     timings: dict[int, float] = {}
-    best, width = 1, 1
+    best, width, misses = 1, 1, 0
     while width <= max_width:
         try:
             trainer = StackedTrainer(data, config, kind=kind)
             trainer.start([make_model() for _ in range(width)], [Slot(None, dict(hparams)) for _ in range(width)])
-            batches = list(trainer._train_batches())[:steps + 2]
-            for i, (x, y, shared) in enumerate(batches):
-                if i == 2:
-                    _sync(trainer.device)
-                    started = time.perf_counter()
-                trainer._loss(trainer.model(x, shared=shared), y, shared).sum().backward()
-                trainer.optimizer.step()
-                trainer.optimizer.zero_grad()
-            _sync(trainer.device)
-            per_slot = (time.perf_counter() - started) / max(len(batches) - 2, 1) / width
+            batches = list(trainer._train_batches())
+            runs = []
+            for _ in range(repeats):
+                for i in range(steps + 1):
+                    if i == 1:  # the first step of each repeat warms up
+                        _sync(device)
+                        started = time.perf_counter()
+                    x, y, shared = batches[i % len(batches)]
+                    trainer._loss(trainer.model(x, shared=shared), y, shared).sum().backward()
+                    trainer.optimizer.step()
+                    trainer.optimizer.zero_grad()
+                _sync(device)
+                runs.append((time.perf_counter() - started) / steps / width)
+            del trainer
         except torch.OutOfMemoryError:
-            if resolve_device(config.device).type == "cuda":
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
             break
-        timings[width] = per_slot
-        if width > 1 and per_slot > 0.95 * timings[best]:
+        timings[width] = min(runs)
+        if timings[width] < 0.95 * timings[best]:
+            best, misses = width, 0
+        elif width > 1:
+            misses += 1
+        if misses >= 2 or (device.type == "cuda" and _memory_used(device) > 0.8):
             break
-        if per_slot <= timings[best]:
-            best = width
         width *= 2
     return best, timings
+
+
+def _memory_used(device: torch.device) -> float:
+    free, total = torch.cuda.mem_get_info(device)
+    return max(torch.cuda.max_memory_reserved(device) / total, 1 - free / total)
 
 
 def _sync(device: torch.device) -> None:
