@@ -276,10 +276,14 @@ class Population:
         first = next((m for m in self.pool if m.signature is not None), None)
         if first is None or self.solo_reason:
             return 1
+        # With a budget of n trials, more than n/4 at once would leave the sampler fewer than four
+        # rounds of results to learn from.
+        n_trials = self.config.study.n_trials
+        limit = min(vz.max_width, max(1, n_trials // 4)) if n_trials else vz.max_width
         try:
             width, timings = vectorized.probe_width(
                 lambda: copy.deepcopy(first.model), first.params, self.task.data(first.params), self.trainer_config,
-                kind=self.config.task.kind, max_width=vz.max_width,
+                kind=self.config.task.kind, max_width=limit,
             )
         except NotVectorizable as err:
             self.solo_reason = str(err)
