@@ -87,7 +87,7 @@ class Population:
             if not self.pool:
                 return
             group = self._next_group()
-            if len(group) == 1 or group[0].signature is None or self.solo_reason:
+            if group[0].signature is None or self.solo_reason:
                 self._solo_all(group)
             else:
                 self._train(group)
