@@ -431,7 +431,9 @@ def population_file(tmp_path, name: str, width: Any = 4) -> str:
 
     path = study_file(tmp_path, name, **FAST)
     raw = yaml.safe_load(path.read_text())
-    raw["baseline"] = [SLOW_BASELINE]
+    # Four baseline trials of one architecture: the first worker's first ask is a group of four.
+    raw["baseline"] = [SLOW_BASELINE, *({**SLOW_BASELINE, "lr": lr, "optimizer": {"name": "adam", "beta1": 0.9}}
+                                        for lr in (0.003, 0.01, 0.02))]
     raw["study"]["vectorize"] = {"width": width}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return str(path)
@@ -470,7 +472,8 @@ def test_two_population_workers_share_a_study_on_redis(tmp_path, redis_url: str)
     assert len(trials) == 9
     assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert len({t.user_attrs["hpo:worker"] for t in trials}) == 2
-    assert max(t.user_attrs["hpo:vectorized_width"] for t in trials) >= 2
+    assert [t.user_attrs["hpo:vectorized_width"] for t in trials[:4]] == [4, 4, 4, 4]
+    assert len({t.user_attrs["hpo:worker"] for t in trials[:4]}) == 1
 
 
 def test_the_heartbeat_covers_every_trial_a_population_worker_holds(tmp_path) -> None:
