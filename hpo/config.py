@@ -24,7 +24,7 @@ from trainers import METRICS, TrainerConfig
 SECTIONS = {"study", "trainer", "task", "space", "baseline"}
 STUDY_KEYS = {"name", "direction", "directions", "metric", "metrics", "n_trials", "timeout", "seed", "sampler", "pruner",
               "heartbeat_interval", "grace_period", "max_retries", "storage_patience", "oom_retries", "vectorize"}
-VECTORIZE_KEYS = {"width", "data", "max_width"}
+VECTORIZE_KEYS = {"width", "data", "max_width", "lookahead"}
 VECTORIZE_DATA = ("shared", "per_slot")
 TASK_KEYS = {"model", "data", "kind", "train_step", "eval_step", "metrics"}
 TRAINER_KEYS = {f.name for f in dataclasses.fields(TrainerConfig)}
@@ -37,6 +37,7 @@ class Vectorize:
     width: int | str = "auto"  # a number of slots, or "auto": measured on the device at the worker's start
     data: str = "shared"  # shared: one batch order for all slots; per_slot: each slot its trial's own order
     max_width: int = 64  # the largest width auto tries
+    lookahead: int = 2  # the worker holds up to lookahead * width asked trials, to group them by architecture
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
 
 
 def _vectorize(raw: Any, path: tuple, report: Callable) -> Vectorize | None:
-    """``vectorize: {width: K | auto, data: shared | per_slot, max_width: N}``; null turns it off."""
+    """``vectorize: {width: K | auto, data: shared | per_slot, max_width: N, lookahead: L}``; null turns it off."""
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
@@ -253,7 +254,10 @@ def _vectorize(raw: Any, path: tuple, report: Callable) -> Vectorize | None:
     if "max_width" in raw and width != "auto" and ok:
         report((*path, "max_width"), "max_width bounds auto only (expected width: auto, or no max_width)")
         ok = False
-    return Vectorize(width, data, max_width or 64) if ok else None
+    lookahead = _number(raw, path, "lookahead", int, report, minimum=1)
+    if "lookahead" in raw and lookahead is None:
+        ok = False
+    return Vectorize(width, data, max_width or 64, lookahead or 2) if ok else None
 
 
 def _task(raw: dict, report: Callable) -> TaskConfig | None:

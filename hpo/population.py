@@ -9,8 +9,13 @@ architecture, and trains each group as one stacked model (`trainers.vectorized`)
 - **Reporting and pruning per slot.** After every validation each slot reports to its own trial
   and asks the pruner (`objective.PruningCallback`, as a solo trial does); a pruned, finished or
   failed slot is told at once.
+- **Lookahead.** The worker holds up to ``lookahead × K`` asked trials (2 by default), and
+  trains the largest same-architecture set among them first: with 12 architectures in a space,
+  K asked trials rarely share one. The price is that the sampler proposes that many trials before
+  it sees their results.
 - **Refill.** A freed slot takes a waiting trial of the same architecture, or asks the sampler
-  for one more; that trial starts from epoch 0 in the freed slot. A new trial of another
+  for one more (while the worker holds fewer than ``lookahead × K``); that trial starts from
+  epoch 0 in the freed slot. A new trial of another
   architecture is not run solo at once but kept for the next group (it usually finds partners
   there), and the current group shrinks by one instead.
 - **Bookkeeping.** Every trial carries ``hpo:worker`` and ``hpo:seeds`` as in solo mode, plus
@@ -83,7 +88,7 @@ class Population:
             if self.width is None:
                 self._ask(1)
                 self.width = self._choose_width()
-            self._ask(self.width - len(self.pool))
+            self._ask(self.holding - len(self.pool))
             if not self.pool:
                 return
             group = self._next_group()
@@ -95,6 +100,12 @@ class Population:
             for member in self.pool:
                 persist(partial(hand_back, self.study, member.trial, self.summary.interrupted), "handing back a trial", self.patience)
             self.pool = []
+
+    @property
+    def holding(self) -> int:
+        """How many trials the worker holds at most, waiting and training: `lookahead` groups'
+        worth, so that trials of one architecture find each other among more asked ones."""
+        return (self.width or 1) * self.vectorize.lookahead
 
     def _ask(self, n: int) -> list[Member]:
         if n <= 0 or self.budget_spent:
@@ -184,7 +195,7 @@ class Population:
         if self.summary.interrupted:
             return None
         match = next((m for m in self.pool if m.signature == self.group_signature), None)
-        if match is None and len(self.pool) < (self.width or 1):
+        if match is None and len(self.pool) < self.holding - len(self.active):
             new = self._ask(1)
             match = new[0] if new and new[0].signature == self.group_signature else None
         if match is None:
