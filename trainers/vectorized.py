@@ -8,10 +8,12 @@ layers, element-wise activations and dropout runs as batched matrix products, an
 through `torch.func.vmap` over `functional_call`. The loss is the *sum* of the slots' mean
 losses, so each slot's gradient is exactly its own model's gradient.
 
-Per slot, as tensors of shape [K]: learning rate, weight decay, momentum and nesterov (SGD),
-betas and eps (Adam, AdamW), dropout rate. The optimizers below follow `torch.optim` step for
-step. A slot can be replaced (fresh weights and optimizer state, its epoch count back to 0) or
-dropped, so a caller can prune and refill slots while the others train on.
+Per slot: the optimizer and its learning rate, weight decay, momentum and nesterov (SGD), betas
+and eps (Adam, AdamW), each slot updated by torch's fused kernel on its views of the stacked
+tensors (as `torch.optim` with ``fused=True``); the dropout rate, as a stacked buffer; and in the
+batched-matmul path the activation. A slot can be replaced (fresh weights and optimizer state,
+its epoch count back to 0) or dropped, so a caller can prune and refill slots while the others
+train on.
 
 Models that cannot be stacked raise `NotVectorizable` when the group is built (the first
 forward and backward run there), so the caller can train them one at a time instead.
