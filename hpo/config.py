@@ -37,7 +37,7 @@ class Vectorize:
     width: int | str = "auto"  # a number of slots, or "auto": measured on the device at the worker's start
     data: str = "shared"  # shared: one batch order for all slots; per_slot: each slot its trial's own order
     max_width: int = 64  # the largest width auto tries
-    lookahead: int = 2  # the worker holds up to lookahead * width asked trials, to group them by architecture
+    lookahead: int = 1  # the worker holds up to lookahead * width asked trials, to group them by architecture
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ def _vectorize(raw: Any, path: tuple, report: Callable) -> Vectorize | None:
     lookahead = _number(raw, path, "lookahead", int, report, minimum=1)
     if "lookahead" in raw and lookahead is None:
         ok = False
-    return Vectorize(width, data, max_width or 64, lookahead or 2) if ok else None
+    return Vectorize(width, data, max_width or 64, lookahead or 1) if ok else None
 
 
 def _task(raw: dict, report: Callable) -> TaskConfig | None:

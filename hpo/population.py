@@ -9,7 +9,7 @@ architecture, and trains each group as one stacked model (`trainers.vectorized`)
 - **Reporting and pruning per slot.** After every validation each slot reports to its own trial
   and asks the pruner (`objective.PruningCallback`, as a solo trial does); a pruned, finished or
   failed slot is told at once.
-- **Lookahead.** The worker holds up to ``lookahead × K`` asked trials (2 by default), and
+- **Lookahead.** The worker holds up to ``lookahead × K`` asked trials (1 by default), and
   trains the largest same-architecture set among them first: with 12 architectures in a space,
   K asked trials rarely share one. The price is that the sampler proposes that many trials before
   it sees their results.

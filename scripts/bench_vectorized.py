@@ -12,7 +12,7 @@ storage; side by side in one run. Two search spaces:
 For each: wall time, trials per hour, the ratio, the best value reached (study quality), the
 time until a target accuracy was first reached, and the mean group size.
 
-    python scripts/bench_vectorized.py [--trials 40] [--epochs 20] [--width 8|auto] [--lookahead 2] [--rounds 3] [--spaces shipped fixed-arch]
+    python scripts/bench_vectorized.py [--trials 40] [--epochs 20] [--width 8|auto] [--lookahead 1] [--rounds 3] [--spaces shipped fixed-arch]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXED_MODEL = {"layers": 2, "width": 64, "activation": "relu", "dropout": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.05}}
 
 
-LOOKAHEAD = {"value": 2}
+LOOKAHEAD = {"value": 1}
 
 
 def study_raw(space: str, trials: int, epochs: int, width: str | None) -> dict:
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--width", default="8", help="population width, or auto")
-    parser.add_argument("--lookahead", type=int, default=2, help="population mode's lookahead")
+    parser.add_argument("--lookahead", type=int, default=1, help="population mode's lookahead")
     parser.add_argument("--rounds", type=int, default=3, help="runs per side; the median is shown")
     parser.add_argument("--target", type=float, default=0.975, help="validation accuracy for the time-to-target column")
     parser.add_argument("--spaces", nargs="+", default=["shipped", "fixed-arch"], choices=["shipped", "fixed-arch"])

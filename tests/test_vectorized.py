@@ -418,7 +418,7 @@ def test_vectorize_defaults_and_round_trip(tmp_path) -> None:
     path = tmp_path / "study.yaml"
     path.write_text(text)
     config = load_config(str(path))
-    assert config.study.vectorize == Vectorize(width="auto", data="shared", max_width=64, lookahead=2)
+    assert config.study.vectorize == Vectorize(width="auto", data="shared", max_width=64, lookahead=1)
     assert config_from_dict(json.loads(json.dumps(config.raw)), "stored").study == config.study
 
 
