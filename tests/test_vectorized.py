@@ -487,3 +487,29 @@ def test_the_heartbeat_covers_every_trial_a_population_worker_holds(tmp_path) ->
     beat.running(None)
     beat.beat()
     assert heartbeat.workers(study)["w"]["trial"] is None
+
+
+def test_sigterm_hands_back_every_trial_the_population_worker_holds(tmp_path) -> None:
+    import signal
+    import time
+
+    path = pop_study(tmp_path, "term", vectorize={"width": 3, "lookahead": 2}, baseline=MIXED, n_trials=8, epochs=100_000)
+    url = str(tmp_path / "term.journal")
+    coordinator.create(load_config(path), open_storage(url))
+    study = optuna.load_study(study_name="term", storage=open_storage(url))
+    proc = subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", "term", "--storage", url, "--threads", "1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(t.intermediate_values for t in study.get_trials()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    # Three training and three waiting (lookahead 2 x width 3): all failed with the reason and re-queued.
+    assert len(stopped) == 6, ([(t.number, t.state.name) for t in trials], err)
+    assert all(t.user_attrs["hpo:fail_reason"].startswith("interrupted by SIGTERM") for t in stopped)
+    retried = sorted(t.user_attrs["hpo:retry_of"] for t in trials if t.state == TrialState.WAITING)
+    assert retried == sorted(t.number for t in stopped)
