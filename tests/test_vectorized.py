@@ -513,3 +513,15 @@ def test_sigterm_hands_back_every_trial_the_population_worker_holds(tmp_path) ->
     assert all(t.user_attrs["hpo:fail_reason"].startswith("interrupted by SIGTERM") for t in stopped)
     retried = sorted(t.user_attrs["hpo:retry_of"] for t in trials if t.state == TrialState.WAITING)
     assert retried == sorted(t.number for t in stopped)
+
+
+def test_population_mode_on_postgresql_beats_for_every_trial(tmp_path, postgres_url: str) -> None:
+    # RDB storages use Optuna's own per-trial heartbeat: each held trial gets one.
+    path = pop_study(tmp_path, "pg", vectorize={"width": 3}, baseline=MIXED, n_trials=5)
+    raw = yaml.safe_load(open(path).read())
+    raw["study"].update({"heartbeat_interval": 1, "grace_period": 5})
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    study, summary = run_study(path, postgres_url, "pg")
+    assert summary.states == {"COMPLETE": 5}
+    assert [t.user_attrs["hpo:vectorized_width"] for t in study.get_trials()] == [2, 2, 2, 2, 1]
