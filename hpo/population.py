@@ -36,6 +36,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from hpo import coordinator, heartbeat, objective
@@ -98,7 +99,7 @@ class Population:
                 self._train(group)
         if self.pool:  # a signal came: hand back the trials that never started
             for member in self.pool:
-                persist(partial(hand_back, self.study, member.trial, self.summary.interrupted), "handing back a trial", self.patience)
+                self._hand_back(member)
             self.pool = []
 
     @property
@@ -175,7 +176,7 @@ class Population:
         except (KeyboardInterrupt, Interrupted) as stop:
             self.summary.interrupted = "SIGINT" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
             for member in self.active:
-                persist(partial(hand_back, self.study, member.trial, self.summary.interrupted), "handing back a trial", self.patience)
+                self._hand_back(member)
             self.active = []
         except Exception as err:  # the whole group failed (e.g. out of memory): fail its trials, go on
             attrs = {"hpo:fail_reason": f"{type(err).__name__}: {err}"[:1000], "hpo:traceback": traceback.format_exc()[-4000:]}
@@ -226,8 +227,9 @@ class Population:
             state = TrialState.FAIL
             attrs["hpo:fail_reason"] = f"{type(error).__name__}: {error}"[:1000]
             attrs["hpo:traceback"] = "".join(traceback.format_exception(error))[-4000:]
-        self.active.remove(member)
-        self._told(member, finish(self.study, member.trial, state, values, attrs, self.patience))
+        told = finish(self.study, member.trial, state, values, attrs, self.patience)
+        self.active.remove(member)  # only once told: a signal during the tell hands it back
+        self._told(member, told)
         self._beat()
 
     # -- alone ----------------------------------------------------------------------------------
@@ -254,6 +256,12 @@ class Population:
         self._told(member, state)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _hand_back(self, member: Member) -> None:
+        try:
+            persist(partial(hand_back, self.study, member.trial, self.summary.interrupted), "handing back a trial", self.patience)
+        except UpdateFinishedTrialError:
+            pass  # its result was told just before the signal came
 
     def _told(self, member: Member, state: TrialState) -> None:
         self.summary.states[state.name] = self.summary.states.get(state.name, 0) + 1

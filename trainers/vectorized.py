@@ -660,10 +660,8 @@ def _validation_end(slot: Slot) -> None:
     try:
         emit("on_validation_end", slot)
         emit("on_epoch_end", slot)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as err:  # one slot's callback (e.g. pruning) ends that slot, not the group
-        slot.error = err
+    except Exception as err:  # one slot's callback (e.g. pruning) ends that slot, not the group
+        slot.error = err  # a BaseException (Ctrl-C, a signal) still ends the whole run
 
 
 def probe_width(
