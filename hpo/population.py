@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from functools import partial
@@ -77,6 +79,7 @@ class Population:
         self.pool: list[Member] = []  # asked, not yet training
         self.active: list[Member] = []  # training in the current group
         self.budget_spent = False
+        self.signal: str | None = None  # SIGINT or SIGTERM, received while a group trains
         self.warned: set[str] = set()
         self.solo_reason = self._global_reason()
         if self.solo_reason:
@@ -161,18 +164,29 @@ class Population:
         self._beat()
         slots = [self._slot(m) for m in group]
         data = self.task.data(group[0].params)
+        # While a group trains, the main thread is mostly inside storage calls (a report and a
+        # pruning check per slot per epoch): a signal is noted here and acted on between calls,
+        # so that no storage lock or half-written record is left behind.
+        previous = _defer_signals(self)
+        fallback: list[Member] = []
         try:
             vectorized.fit_stacked(
                 [m.model for m in group], slots, data, self.trainer_config, kind=self.config.task.kind,
                 per_slot_data=self.vectorize.data == "per_slot", seed=group[0].seed,
-                refill=self._refill, on_slot_end=self._end,
+                refill=self._refill, on_slot_end=self._end, stop=lambda: self.signal is not None,
             )
+            if self.signal is not None:  # came during the last tell
+                raise vectorized.Stopped([])
+        except vectorized.Stopped:
+            self.summary.interrupted = self.signal
+            for member in self.active:
+                self._hand_back(member)
+            self.active = []
         except NotVectorizable as err:
             # Found at the first step, before any slot trained: these and all later trials run alone.
             self.solo_reason = str(err)
             self._warn(self.solo_reason)
-            waiting, self.active = self.active, []
-            self._solo_all(waiting)
+            fallback, self.active = self.active, []
         except (KeyboardInterrupt, Interrupted) as stop:
             self.summary.interrupted = "SIGINT" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
             for member in self.active:
@@ -183,6 +197,14 @@ class Population:
             for member in self.active:
                 self._told(member, finish(self.study, member.trial, TrialState.FAIL, None, attrs, self.patience))
             self.active = []
+        finally:
+            _restore_signals(previous)
+        if self.signal and not self.summary.interrupted:  # noted while the group failed or fell back
+            self.summary.interrupted = self.signal
+            for member in fallback:
+                self._hand_back(member)
+        elif fallback:
+            self._solo_all(fallback)  # with the usual signal handling again
         self._beat()
 
     def _slot(self, member: Member) -> Slot:
@@ -193,7 +215,7 @@ class Population:
     def _refill(self, slot: Slot):
         """A trial for the freed slot: a waiting one of the group's architecture, else one new
         trial from the sampler; None (the group shrinks) when neither fits."""
-        if self.summary.interrupted:
+        if self.summary.interrupted or self.signal:
             return None
         match = next((m for m in self.pool if m.signature == self.group_signature), None)
         if match is None and len(self.pool) < self.holding - len(self.active):
@@ -318,3 +340,19 @@ class Population:
             return  # one line per reason, not one per trial
         self.warned.add(reason)
         print(f"hpo: warning: vectorize: {reason}; running trials one at a time", file=sys.stderr, flush=True)
+
+
+def _defer_signals(population: Population) -> dict | None:
+    """SIGINT and SIGTERM only note themselves on `population.signal` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def note(signum, frame):
+        population.signal = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+
+    return {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous: dict | None) -> None:
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler)

@@ -489,7 +489,8 @@ def test_the_heartbeat_covers_every_trial_a_population_worker_holds(tmp_path) ->
     assert heartbeat.workers(study)["w"]["trial"] is None
 
 
-def test_sigterm_hands_back_every_trial_the_population_worker_holds(tmp_path) -> None:
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 0), ("SIGINT", 130)])
+def test_a_signal_hands_back_every_trial_the_population_worker_holds(tmp_path, sig: str, code: int) -> None:
     import signal
     import time
 
@@ -502,15 +503,15 @@ def test_sigterm_hands_back_every_trial_the_population_worker_holds(tmp_path) ->
     deadline = time.time() + 60
     while time.time() < deadline and not any(t.intermediate_values for t in study.get_trials()):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, sig))
     _out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    assert proc.returncode == code, err
     trials = study.get_trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     stopped = [t for t in trials if t.state == TrialState.FAIL]
     # Three training and three waiting (lookahead 2 x width 3): all failed with the reason and re-queued.
     assert len(stopped) == 6, ([(t.number, t.state.name) for t in trials], err)
-    assert all(t.user_attrs["hpo:fail_reason"].startswith("interrupted by SIGTERM") for t in stopped)
+    assert all(t.user_attrs["hpo:fail_reason"].startswith(f"interrupted by {sig}") for t in stopped)
     retried = sorted(t.user_attrs["hpo:retry_of"] for t in trials if t.state == TrialState.WAITING)
     assert retried == sorted(t.number for t in stopped)
 

@@ -56,6 +56,14 @@ class NotVectorizable(RuntimeError):
     """These models or settings cannot be trained as one stacked model; the message says why."""
 
 
+class Stopped(Exception):
+    """The caller's `stop` check asked the run to end; the slots still training are in `slots`."""
+
+    def __init__(self, slots: list[Slot]) -> None:
+        super().__init__("stopped on request")
+        self.slots = slots
+
+
 def signature(model: nn.Module, *, exact: bool = False) -> tuple:
     """What must agree for models to be stacked: every parameter's and buffer's name, shape and
     dtype, and every submodule's type.
@@ -444,6 +452,7 @@ class StackedTrainer:
         self.model: StackedModel | None = None
         self.optimizer: StackedOptimizer | None = None
         self.slots: list[Slot] = []
+        self.stop: Callable[[], bool] | None = None  # checked before every batch and slot event
 
     @property
     def size(self) -> int:
@@ -543,6 +552,8 @@ class StackedTrainer:
         accumulate = config.accumulate_grad_batches
         batches = list(self._train_batches())
         for i, (x, y, shared) in enumerate(batches):
+            if self.stop is not None and self.stop():
+                raise Stopped(list(self.slots))
             with self.autocast():
                 out = model(x, shared=shared)
             losses = self._loss(out, y, shared)
@@ -614,6 +625,7 @@ def fit_stacked(
     refill: Refill | None = None,
     on_slot_end: Callable[[Slot], None] | None = None,
     batched: bool | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> StackedTrainer:
     """Trains the slots until each has run `config.epochs` epochs or stopped; returns the trainer.
 
@@ -622,8 +634,13 @@ def fit_stacked(
     that slot only, with `slot.error`. A slot that is done is handed to `on_slot_end`, then
     `refill(slot)` may give ``(model, hparams, key, seed, callbacks)`` for a new slot in its place
     (its epochs start at 0); otherwise the group shrinks.
+
+    `stop` is checked before every batch and every slot's end of epoch: when it returns True the
+    run raises `Stopped` with the slots that were still training (e.g. a worker asked to quit
+    hands their trials back between two storage calls, never inside one).
     """
     trainer = StackedTrainer(data, config, kind=kind, per_slot_data=per_slot_data, seed=seed, batched=batched)
+    trainer.stop = stop
     trainer.start(models, slots)
     for slot in trainer.slots:
         Dispatch(slot.callbacks)("on_fit_start", slot)
@@ -631,6 +648,8 @@ def fit_stacked(
         trainer.train_epoch()
         keep, replacements = [], []
         for index, slot in enumerate(trainer.slots):
+            if stop is not None and stop():
+                raise Stopped(trainer.slots[index:] + [trainer.slots[i] for i in keep])
             _validation_end(slot)
             if slot.epoch + 1 >= config.epochs and not slot.done:
                 slot.stop("finished")
@@ -731,6 +750,7 @@ def _sync(device: torch.device) -> None:
 
 __all__ = [
     "NotVectorizable",
+    "Stopped",
     "Slot",
     "StackedModel",
     "StackedOptimizer",
