@@ -23,9 +23,21 @@ from trainers import METRICS, TrainerConfig
 
 SECTIONS = {"study", "trainer", "task", "space", "baseline"}
 STUDY_KEYS = {"name", "direction", "directions", "metric", "metrics", "n_trials", "timeout", "seed", "sampler", "pruner",
-              "heartbeat_interval", "grace_period", "max_retries", "storage_patience", "oom_retries"}
+              "heartbeat_interval", "grace_period", "max_retries", "storage_patience", "oom_retries", "vectorize"}
+VECTORIZE_KEYS = {"width", "data", "max_width", "lookahead"}
+VECTORIZE_DATA = ("shared", "per_slot")
 TASK_KEYS = {"model", "data", "kind", "train_step", "eval_step", "metrics"}
 TRAINER_KEYS = {f.name for f in dataclasses.fields(TrainerConfig)}
+
+
+@dataclass(frozen=True)
+class Vectorize:
+    """Population mode: the worker trains up to `width` same-architecture trials as one stacked model."""
+
+    width: int | str = "auto"  # a number of slots, or "auto": measured on the device at the worker's start
+    data: str = "shared"  # shared: one batch order for all slots; per_slot: each slot its trial's own order
+    max_width: int = 64  # the largest width auto tries
+    lookahead: int = 1  # the worker holds up to lookahead * width asked trials, to group them by architecture
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class StudyConfig:
     max_retries: int = 2  # retries of a trial whose worker died, after the first attempt
     storage_patience: float = 600.0  # seconds a worker waits out an unreachable storage
     oom_retries: int = 0  # retries with half the batch size after running out of memory
+    vectorize: Vectorize | None = None  # None: one trial at a time
 
 
 @dataclass(frozen=True)
@@ -187,6 +200,7 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
     if liveness["grace_period"] <= liveness["heartbeat_interval"]:
         report((*path, "grace_period"), f"grace period {liveness['grace_period']}s is not longer than the heartbeat interval {liveness['heartbeat_interval']}s (expected grace_period > heartbeat_interval)")
 
+    vectorize = _vectorize(raw.get("vectorize"), (*path, "vectorize"), report) if "vectorize" in raw else None
     sampler, sampler_options = _named(raw.get("sampler", "tpe"), (*path, "sampler"), samplers.SAMPLERS, report)
     pruner_raw = raw.get("pruner", "median")
     wrapped = None
@@ -213,7 +227,37 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
         return None
     if sampler == "grid" and n_trials is None and space_mod.grid(space):
         n_trials = math.prod(len(values) for values in space_mod.grid(space).values())
-    return StudyConfig(name, tuple(directions), tuple(metrics), n_trials, timeout, seed, sampler, sampler_options, pruner, pruner_options, wrapped, **liveness)
+    return StudyConfig(name, tuple(directions), tuple(metrics), n_trials, timeout, seed, sampler, sampler_options, pruner, pruner_options, wrapped, **liveness,
+                       vectorize=vectorize)
+
+
+def _vectorize(raw: Any, path: tuple, report: Callable) -> Vectorize | None:
+    """``vectorize: {width: K | auto, data: shared | per_slot, max_width: N, lookahead: L}``; null turns it off."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        report(path, f"{raw!r} is not a mapping (expected vectorize: {{width: 8}} or {{width: auto}})")
+        return None
+    _unknown_keys(raw, path, VECTORIZE_KEYS, report)
+    ok = True
+    width = raw.get("width", "auto")
+    if width != "auto" and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        report((*path, "width"), f"{width!r} is not a positive integer or auto (expected an integer >= 1 or auto)")
+        ok = False
+    data = raw.get("data", "shared")
+    if data not in VECTORIZE_DATA:
+        report((*path, "data"), f"{data!r} is not a data mode{space_mod.did_you_mean(data, VECTORIZE_DATA)} (expected shared or per_slot)")
+        ok = False
+    max_width = _number(raw, path, "max_width", int, report, minimum=1)
+    if "max_width" in raw and max_width is None:
+        ok = False
+    if "max_width" in raw and width != "auto" and ok:
+        report((*path, "max_width"), "max_width bounds auto only (expected width: auto, or no max_width)")
+        ok = False
+    lookahead = _number(raw, path, "lookahead", int, report, minimum=1)
+    if "lookahead" in raw and lookahead is None:
+        ok = False
+    return Vectorize(width, data, max_width or 64, lookahead or 1) if ok else None
 
 
 def _task(raw: dict, report: Callable) -> TaskConfig | None:

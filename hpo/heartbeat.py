@@ -38,8 +38,8 @@ class Heartbeat:
     def __init__(self, study: optuna.Study, worker: str, interval: float, grace: float, max_retries: int) -> None:
         self.study, self.worker = study, worker
         self.interval, self.grace, self.max_retries = interval, grace, max_retries
-        self.trial_id: int | None = None
-        self.trial_number: int | None = None
+        self.trial_ids: list[int] = []
+        self.trial_numbers: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
 
@@ -54,20 +54,28 @@ class Heartbeat:
         self.running(None)
         self.beat(alive=False)
 
-    def running(self, trial: optuna.Trial | None) -> None:
-        """Marks the trial this worker now runs (None: idle) and beats for it at once."""
-        self.trial_id = trial._trial_id if trial is not None else None
-        self.trial_number = trial.number if trial is not None else None
-        if trial is not None:
+    def running(self, trial: optuna.Trial | list[optuna.Trial] | None) -> None:
+        """Marks the trial(s) this worker now runs (None or []: idle) and beats for them at once.
+
+        A worker in population mode runs several trials at once: it passes all of them.
+        """
+        trials = [] if trial is None else list(trial) if isinstance(trial, (list, tuple)) else [trial]
+        self.trial_ids = [t._trial_id for t in trials]
+        self.trial_numbers = [t.number for t in trials]
+        if trials:
             self.beat()
 
     def beat(self, alive: bool = True) -> None:
         storage = self.study._storage
+        numbers = list(self.trial_numbers)
         record = {"host": socket.gethostname(), "pid": os.getpid(), "device": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                  "trial": self.trial_number, "beat": time.time(), "alive": alive}
+                  "trial": numbers[0] if numbers else None, "beat": time.time(), "alive": alive}
+        if len(numbers) > 1:
+            record["trials"] = numbers
         storage.set_study_system_attr(self.study._study_id, WORKER_PREFIX + self.worker, record)
-        if self.trial_id is not None and uses_optuna_heartbeat(storage):
-            storage.record_heartbeat(self.trial_id)
+        if uses_optuna_heartbeat(storage):
+            for trial_id in list(self.trial_ids):
+                storage.record_heartbeat(trial_id)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

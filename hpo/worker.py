@@ -86,6 +86,11 @@ def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary
     """
     storage = study._storage
     patience = config.study.storage_patience
+    if config.study.vectorize is not None:
+        from hpo import population  # population mode: several trials at once, one stacked model
+
+        population.run(study, config, task, threads, seed, beat, summary, on_trial)
+        return
     while True:
         asked, _ = persist(partial(coordinator.ask, study, config), "asking for a trial", patience)
         if not asked:
@@ -116,7 +121,7 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, config, task, threads, su
         state = TrialState.PRUNED
     except (KeyboardInterrupt, Interrupted) as stop:
         summary.interrupted = "SIGINT" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
-        persist(lambda: _hand_back(study, trial, summary.interrupted), "handing back a trial", patience)
+        persist(lambda: hand_back(study, trial, summary.interrupted), "handing back a trial", patience)
         return TrialState.FAIL
     except trainers.OutOfMemoryError as err:
         attrs["hpo:fail_reason"] = f"OutOfMemoryError: {err}"[:1000]
@@ -126,6 +131,12 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, config, task, threads, su
         attrs["hpo:fail_reason"] = f"{type(err).__name__}: {err}"[:1000]
         attrs["hpo:traceback"] = traceback.format_exc()[-4000:]
         state = TrialState.FAIL
+    return finish(study, trial, state, values, attrs, patience)
+
+
+def finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, values: list[float] | None,
+           attrs: dict[str, object], patience: float) -> TrialState:
+    """Records `attrs` on the trial and tells its result; returns the state it ended in."""
     for key, value in attrs.items():
         persist(partial(trial.set_user_attr, key, value), "recording a trial", patience)
     try:
@@ -151,7 +162,7 @@ def _retry_smaller(study: optuna.Study, trial: optuna.Trial, config, reason: str
                         extra={"hpo:batch_size": batch // 2, "hpo:oom_halvings": halvings + 1})
 
 
-def _hand_back(study: optuna.Study, trial: optuna.Trial, signal_name: str) -> None:
+def hand_back(study: optuna.Study, trial: optuna.Trial, signal_name: str) -> None:
     """An interrupted trial is failed with its reason and re-queued with the same params."""
     reason = f"interrupted by {signal_name}; re-queued with the same params"
     trial.set_user_attr("hpo:fail_reason", reason)

@@ -68,7 +68,7 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
     assert problems(tmp_path, with_line(VALID, 5, "  n_trails: 5")) == [
         "FILE:5: study.n_trails: unknown key; did you mean n_trials? "
         "(expected one of direction, directions, grace_period, heartbeat_interval, max_retries, metric, metrics, "
-        "n_trials, name, oom_retries, pruner, sampler, seed, storage_patience, timeout)"
+        "n_trials, name, oom_retries, pruner, sampler, seed, storage_patience, timeout, vectorize)"
     ]
 
 

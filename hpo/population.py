@@ -1,0 +1,358 @@
+"""Population mode (`study.vectorize`): a worker asks for up to K trials at once, groups them by
+architecture, and trains each group as one stacked model (`trainers.vectorized`).
+
+- **Grouping.** Each asked trial's model is built at once, under the trial's seed (the same
+  weights it would start from alone), and trials whose models have the same signature (parameter
+  names and shapes, module types) form a group. Learning rate, weight decay, momentum, betas and
+  dropout rate vary per slot. A trial whose model or hyperparameters cannot be stacked runs alone,
+  as in the ordinary worker.
+- **Reporting and pruning per slot.** After every validation each slot reports to its own trial
+  and asks the pruner (`objective.PruningCallback`, as a solo trial does); a pruned, finished or
+  failed slot is told at once.
+- **Lookahead.** The worker holds up to ``lookahead × K`` asked trials (1 by default), and
+  trains the largest same-architecture set among them first: with 12 architectures in a space,
+  K asked trials rarely share one. The price is that the sampler proposes that many trials before
+  it sees their results.
+- **Refill.** A freed slot takes a waiting trial of the same architecture, or asks the sampler
+  for one more (while the worker holds fewer than ``lookahead × K``); that trial starts from
+  epoch 0 in the freed slot. A new trial of another
+  architecture is not run solo at once but kept for the next group (it usually finds partners
+  there), and the current group shrinks by one instead.
+- **Bookkeeping.** Every trial carries ``hpo:worker`` and ``hpo:seeds`` as in solo mode, plus
+  ``hpo:vectorize`` (the width K and whether `auto` chose it) and ``hpo:vectorized_width`` (how
+  many trials trained together when it started; 1 means solo). The heartbeat covers every trial
+  the worker holds, waiting ones included.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import optuna
+import torch
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from hpo import coordinator, heartbeat, objective
+from hpo import space as space_mod
+from hpo.config import Config
+from hpo.outage import persist
+from hpo.worker import Interrupted, Summary, finish, hand_back
+from trainers import vectorized
+from trainers.vectorized import NotVectorizable, Slot
+
+
+@dataclass(eq=False)  # compared by identity: it holds a model
+class Member:
+    """An asked trial, its params and its model, waiting for or training in a group."""
+
+    trial: optuna.Trial
+    params: dict[str, Any]
+    seed: int | None
+    model: torch.nn.Module | None = None
+    signature: tuple | None = None  # None: runs alone
+    reason: str | None = None  # why it runs alone, when stacking was ruled out
+
+
+def run(study: optuna.Study, config: Config, task: objective.Task, threads: int | None, seed: int | None,
+        beat: heartbeat.Heartbeat, summary: Summary, on_trial) -> None:
+    """The worker's loop in population mode, until the budget is spent or a signal comes."""
+    Population(study, config, task, threads, seed, beat, summary, on_trial).run()
+
+
+class Population:
+    def __init__(self, study, config: Config, task: objective.Task, threads, seed, beat, summary: Summary, on_trial) -> None:
+        self.study, self.config, self.task = study, config, task
+        self.threads, self.sampler_seed, self.beat, self.summary, self.on_trial = threads, seed, beat, summary, on_trial
+        self.patience = config.study.storage_patience
+        self.vectorize = config.study.vectorize
+        self.width: int | None = self.vectorize.width if self.vectorize.width != "auto" else None
+        self.trainer_config = dataclasses.replace(config.trainer, threads=threads or config.trainer.threads)
+        self.pool: list[Member] = []  # asked, not yet training
+        self.active: list[Member] = []  # training in the current group
+        self.budget_spent = False
+        self.signal: str | None = None  # SIGINT or SIGTERM, received while a group trains
+        self.warned: set[str] = set()
+        self.solo_reason = self._global_reason()
+        if self.solo_reason:
+            self._warn(self.solo_reason)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self.summary.interrupted:
+            if self.width is None:
+                self._ask(1)
+                self.width = self._choose_width()
+            self._ask(self.holding - len(self.pool))
+            if not self.pool:
+                return
+            group = self._next_group()
+            if group[0].signature is None or self.solo_reason:
+                self._solo_all(group)
+            else:
+                self._train(group)
+        if self.pool:  # a signal came: hand back the trials that never started
+            for member in self.pool:
+                self._hand_back(member)
+            self.pool = []
+
+    @property
+    def holding(self) -> int:
+        """How many trials the worker holds at most, waiting and training: `lookahead` groups'
+        worth, so that trials of one architecture find each other among more asked ones."""
+        return (self.width or 1) * self.vectorize.lookahead
+
+    def _ask(self, n: int) -> list[Member]:
+        if n <= 0 or self.budget_spent:
+            return []
+        asked, _ = persist(partial(coordinator.ask, self.study, self.config, n), "asking for trials", self.patience)
+        if len(asked) < n:
+            self.budget_spent = True
+        members = [self._member(trial) for trial in asked]
+        self.pool.extend(members)
+        self._beat()
+        return members
+
+    def _member(self, trial: optuna.Trial) -> Member:
+        patience = self.patience
+        persist(partial(trial.set_user_attr, "hpo:worker", self.summary.worker), "starting a trial", patience)
+        seed = objective.trial_seed(self.config, trial.number)
+        persist(partial(trial.set_user_attr, "hpo:seeds", {"sampler": self.sampler_seed, "trial": seed}), "starting a trial", patience)
+        params = space_mod.suggest(trial, self.config.space)
+        member = Member(trial, params, seed)
+        if self.solo_reason or "hpo:batch_size" in trial.user_attrs or "hpo:resume_from" in trial.user_attrs:
+            return member  # out-of-memory and crash retries carry per-trial settings: alone
+        try:
+            vectorized.check_hparams(params, self.config.trainer)
+            if seed is not None:
+                torch.manual_seed(seed)  # the weights this trial would start from alone
+            member.model = self.task.model(params, self.task.data(params))
+            vectorized.check_model(member.model)
+            member.signature = vectorized.signature(member.model)
+        except NotVectorizable as err:
+            member.model, member.reason = None, str(err)
+        except Exception:  # the factory's own error is recorded when the trial runs alone
+            member.model = None
+        return member
+
+    def _next_group(self) -> list[Member]:
+        """The largest set of waiting trials with one signature (the oldest wins a tie), up to K."""
+        groups: dict[Any, list[Member]] = {}
+        for member in self.pool:
+            key = member.signature if member.signature is not None else ("solo", member.trial.number)
+            groups.setdefault(key, []).append(member)
+        best = max(groups.values(), key=lambda g: (len(g), -g[0].trial.number))[: self.width]
+        self.pool = [m for m in self.pool if m not in best]
+        return best
+
+    # -- one stacked group ----------------------------------------------------------------------
+
+    def _train(self, group: list[Member]) -> None:
+        self.active = list(group)
+        self.group_signature = group[0].signature
+        for member in group:
+            self._record_start(member, len(group))
+        self._beat()
+        slots = [self._slot(m) for m in group]
+        data = self.task.data(group[0].params)
+        # While a group trains, the main thread is mostly inside storage calls (a report and a
+        # pruning check per slot per epoch): a signal is noted here and acted on between calls,
+        # so that no storage lock or half-written record is left behind.
+        previous = _defer_signals(self)
+        fallback: list[Member] = []
+        try:
+            vectorized.fit_stacked(
+                [m.model for m in group], slots, data, self.trainer_config, kind=self.config.task.kind,
+                per_slot_data=self.vectorize.data == "per_slot", seed=group[0].seed,
+                refill=self._refill, on_slot_end=self._end, stop=lambda: self.signal is not None,
+            )
+            if self.signal is not None:  # came during the last tell
+                raise vectorized.Stopped([])
+        except vectorized.Stopped:
+            self.summary.interrupted = self.signal
+            for member in self.active:
+                self._hand_back(member)
+            self.active = []
+        except NotVectorizable as err:
+            # Found at the first step, before any slot trained: these and all later trials run alone.
+            self.solo_reason = str(err)
+            self._warn(self.solo_reason)
+            fallback, self.active = self.active, []
+        except (KeyboardInterrupt, Interrupted) as stop:
+            self.summary.interrupted = "SIGINT" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+            for member in self.active:
+                self._hand_back(member)
+            self.active = []
+        except Exception as err:  # the whole group failed (e.g. out of memory): fail its trials, go on
+            attrs = {"hpo:fail_reason": f"{type(err).__name__}: {err}"[:1000], "hpo:traceback": traceback.format_exc()[-4000:]}
+            for member in self.active:
+                self._told(member, finish(self.study, member.trial, TrialState.FAIL, None, attrs, self.patience))
+            self.active = []
+        finally:
+            _restore_signals(previous)
+        if self.signal and not self.summary.interrupted:  # noted while the group failed or fell back
+            self.summary.interrupted = self.signal
+            for member in fallback:
+                self._hand_back(member)
+        elif fallback:
+            self._solo_all(fallback)  # with the usual signal handling again
+        self._beat()
+
+    def _slot(self, member: Member) -> Slot:
+        metrics = self.config.study.metrics
+        callbacks = [objective.PruningCallback(member.trial, metrics[0], self.patience)] if len(metrics) == 1 else []
+        return Slot(key=member, hparams=member.params, seed=member.seed, callbacks=callbacks)
+
+    def _refill(self, slot: Slot):
+        """A trial for the freed slot: a waiting one of the group's architecture, else one new
+        trial from the sampler; None (the group shrinks) when neither fits."""
+        if self.summary.interrupted or self.signal:
+            return None
+        match = next((m for m in self.pool if m.signature == self.group_signature), None)
+        if match is None and len(self.pool) < self.holding - len(self.active):
+            new = self._ask(1)
+            match = new[0] if new and new[0].signature == self.group_signature else None
+        if match is None:
+            return None
+        self.pool.remove(match)
+        self.active.append(match)
+        self._record_start(match, len(self.active))
+        self._beat()
+        return match.model, match.params, match, match.seed, self._slot(match).callbacks
+
+    def _end(self, slot: Slot) -> None:
+        """Tells a finished, pruned or failed slot's trial at once."""
+        member: Member = slot.key
+        attrs: dict[str, Any] = {}
+        values = None
+        error = slot.error
+        if error is None:
+            attrs["hpo:metrics"] = slot.metrics
+            missing = [m for m in self.config.study.metrics if m not in slot.metrics]
+            if missing:
+                error = KeyError(f"the loop did not report {', '.join(missing)} (it reported {', '.join(slot.metrics)})")
+        if error is None:
+            state, values = TrialState.COMPLETE, [slot.metrics[m] for m in self.config.study.metrics]
+        elif isinstance(error, optuna.TrialPruned):
+            state = TrialState.PRUNED
+            attrs["hpo:pruned"] = str(error)
+        else:
+            state = TrialState.FAIL
+            attrs["hpo:fail_reason"] = f"{type(error).__name__}: {error}"[:1000]
+            attrs["hpo:traceback"] = "".join(traceback.format_exception(error))[-4000:]
+        told = finish(self.study, member.trial, state, values, attrs, self.patience)
+        self.active.remove(member)  # only once told: a signal during the tell hands it back
+        self._told(member, told)
+        self._beat()
+
+    # -- alone ----------------------------------------------------------------------------------
+
+    def _solo_all(self, members: list[Member]) -> None:
+        for i, member in enumerate(members):
+            if self.summary.interrupted:
+                self.pool.extend(members[i:])  # handed back by `run`
+                return
+            self._solo(member)
+
+    def _solo(self, member: Member) -> None:
+        from hpo.worker import _run_one
+
+        if member.reason:
+            self._warn(member.reason)
+        self._record_start(member, 1)
+        self.active = [member]
+        self._beat()
+        state = _run_one(self.study, member.trial, self.config, self.task, self.threads, self.summary)
+        self.active = []
+        if self.summary.interrupted:
+            return  # _run_one handed the trial back; the worker stops
+        self._told(member, state)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _hand_back(self, member: Member) -> None:
+        try:
+            persist(partial(hand_back, self.study, member.trial, self.summary.interrupted), "handing back a trial", self.patience)
+        except UpdateFinishedTrialError:
+            pass  # its result was told just before the signal came
+
+    def _told(self, member: Member, state: TrialState) -> None:
+        self.summary.states[state.name] = self.summary.states.get(state.name, 0) + 1
+        if self.on_trial is not None:
+            frozen = persist(partial(self.study._storage.get_trial, member.trial._trial_id), "reading a trial", self.patience)
+            self.on_trial(frozen, self.config)
+
+    def _record_start(self, member: Member, group_size: int) -> None:
+        info = {"width": self.width, "auto": self.vectorize.width == "auto", "data": self.vectorize.data}
+        persist(partial(member.trial.set_user_attr, "hpo:vectorize", info), "starting a trial", self.patience)
+        persist(partial(member.trial.set_user_attr, "hpo:vectorized_width", group_size), "starting a trial", self.patience)
+
+    def _beat(self) -> None:
+        self.beat.running([m.trial for m in (*self.active, *self.pool)])
+
+    def _global_reason(self) -> str | None:
+        """Why nothing in this study can be stacked, if something says so before any trial."""
+        if self.task.train_step is not None or self.task.eval_step is not None:
+            return "a custom train_step/eval_step works on one model"
+        if self.task.data_takes_params:
+            return "the data factory takes the trial's params, so trials do not share one dataset"
+        try:
+            vectorized.check_settings(self.trainer_config, self.task.data({}))
+        except NotVectorizable as err:
+            return str(err)
+        return None
+
+    def _choose_width(self) -> int:
+        """`auto`: a short probe on the device with copies of the first trial's model."""
+        vz = self.vectorize
+        first = next((m for m in self.pool if m.signature is not None), None)
+        if first is None or self.solo_reason:
+            return 1
+        # With a budget of n trials, more than n/4 at once would leave the sampler fewer than four
+        # rounds of results to learn from.
+        n_trials = self.config.study.n_trials
+        limit = min(vz.max_width, max(1, n_trials // 4)) if n_trials else vz.max_width
+        try:
+            width, timings = vectorized.probe_width(
+                lambda: copy.deepcopy(first.model), first.params, self.task.data(first.params), self.trainer_config,
+                kind=self.config.task.kind, max_width=limit,
+            )
+        except NotVectorizable as err:
+            self.solo_reason = str(err)
+            self._warn(self.solo_reason)
+            return 1
+        measured = ", ".join(f"{k}: {t * 1e6:.0f}" for k, t in timings.items())
+        print(f"hpo: vectorize: auto chose width {width} (microseconds per trial-step by width: {measured})",
+              file=sys.stderr, flush=True)
+        return width
+
+    def _warn(self, reason: str) -> None:
+        if reason in self.warned:
+            return  # one line per reason, not one per trial
+        self.warned.add(reason)
+        print(f"hpo: warning: vectorize: {reason}; running trials one at a time", file=sys.stderr, flush=True)
+
+
+def _defer_signals(population: Population) -> dict | None:
+    """SIGINT and SIGTERM only note themselves on `population.signal` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def note(signum, frame):
+        population.signal = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+
+    return {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous: dict | None) -> None:
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler)

@@ -1,0 +1,147 @@
+"""Trials per hour of the digits MLP study: one trial at a time against population mode.
+
+Both sides run the shipped study (search_spaces/digits_mlp.yaml) with the same sampler seed,
+the same budget and epochs, on the CPU with one torch thread, one worker, the embedded journal
+storage; side by side in one run. Two search spaces:
+
+- ``shipped``: the study as shipped (layers 1-3, width 32-256, three activations, dropout,
+  Adam or SGD): 12 architectures for the stacking to group (activation varies per slot);
+- ``fixed-arch``: the same study with the architecture fixed (2 layers of 64, ReLU), the way one
+  tunes the optimizer of a chosen model: every trial fits every group.
+
+For each: wall time, trials per hour, the ratio, the best value reached (study quality), the
+time until a target accuracy was first reached, and the mean group size.
+
+    python scripts/bench_vectorized.py [--trials 40] [--epochs 20] [--width 8|auto] [--lookahead 1] [--rounds 3] [--spaces shipped fixed-arch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import optuna
+import torch
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import trainers  # noqa: E402
+from hpo import coordinator, worker  # noqa: E402
+from hpo.config import load_config  # noqa: E402
+from hpo.examples.tabular import digits, mlp  # noqa: E402
+from hpo.storage import open_storage  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXED_MODEL = {"layers": 2, "width": 64, "activation": "relu", "dropout": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.05}}
+
+
+LOOKAHEAD = {"value": 1}
+
+
+def study_raw(space: str, trials: int, epochs: int, width: str | None) -> dict:
+    with open(os.path.join(ROOT, "search_spaces", "digits_mlp.yaml")) as f:
+        raw = yaml.safe_load(f)
+    raw["study"].update({"name": f"bench-{space}-{'solo' if width is None else 'vec'}", "n_trials": trials})
+    raw["trainer"].update({"epochs": epochs, "device": "cpu", "threads": 1})
+    if space == "fixed-arch":
+        raw["space"]["model"] = dict(FIXED_MODEL)
+        raw["baseline"][0]["model"] = {"dropout": 0.1}
+    if width is not None:
+        raw["study"]["vectorize"] = {"width": width if width == "auto" else int(width), "lookahead": LOOKAHEAD["value"]}
+    return raw
+
+
+def run(space: str, trials: int, epochs: int, width: str | None, target: float, tmp: str, round_: int = 0) -> dict:
+    raw = study_raw(space, trials, epochs, width)
+    raw["study"]["name"] += f"-{round_}"
+    path = os.path.join(tmp, raw["study"]["name"] + ".yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    url = os.path.join(tmp, raw["study"]["name"] + ".journal")
+    coordinator.create(load_config(path), open_storage(url))
+    started = time.perf_counter()
+    worker.run_worker(raw["study"]["name"], url, index=0, threads=1)
+    elapsed = time.perf_counter() - started
+    study = optuna.load_study(study_name=raw["study"]["name"], storage=open_storage(url))
+    done = [t for t in study.get_trials() if t.state.is_finished()]
+    first = min((t.datetime_start for t in done), default=None)
+    reached = sorted(t.datetime_complete for t in done if t.value is not None and t.value >= target)
+    widths = [t.user_attrs.get("hpo:vectorized_width", 1) for t in done]
+    return {
+        "seconds": elapsed,
+        "per_hour": len(done) / elapsed * 3600,
+        "best": study.best_value,
+        "to_target": (reached[0] - first).total_seconds() if reached and first else None,
+        "pruned": sum(t.state.name == "PRUNED" for t in done),
+        # Trial-epochs trained per second: throughput that more or less pruning does not change.
+        "epochs_per_s": sum(len(t.intermediate_values) for t in done) / elapsed,
+        "group": statistics.mean(widths),
+        "width": next((t.user_attrs["hpo:vectorize"]["width"] for t in done if "hpo:vectorize" in t.user_attrs), None),
+    }
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median wall time (its best value and the rest come with it)."""
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
+def warm_up() -> None:
+    """One short fit and one stacked step first, so neither side pays torch's first-call costs."""
+    data = digits()
+    config = trainers.TrainerConfig(epochs=1, device="cpu", threads=1)
+    trainers.fit(mlp({}, data), data, config)
+    from trainers.vectorized import Slot, fit_stacked
+
+    fit_stacked([mlp({}, data) for _ in range(2)], [Slot(i, {}) for i in range(2)], data, config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--width", default="8", help="population width, or auto")
+    parser.add_argument("--lookahead", type=int, default=1, help="population mode's lookahead")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per side; the median is shown")
+    parser.add_argument("--target", type=float, default=0.975, help="validation accuracy for the time-to-target column")
+    parser.add_argument("--spaces", nargs="+", default=["shipped", "fixed-arch"], choices=["shipped", "fixed-arch"])
+    args = parser.parse_args()
+    LOOKAHEAD["value"] = args.lookahead
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warm_up()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for space in args.spaces:
+            runs: dict[str, list[dict]] = {"solo": [], "vec": []}
+            for r in range(args.rounds):
+                # Alternating which side goes first, so drifting machine load hits both alike.
+                order = [("solo", None), ("vec", args.width)][:: 1 if r % 2 == 0 else -1]
+                for mode, width in order:
+                    runs[mode].append(run(space, args.trials, args.epochs, width, args.target, tmp, r))
+            rows.append((space, median_run(runs["solo"]), median_run(runs["vec"])))
+    print(f"digits MLP, {args.trials} trials x {args.epochs} epochs, CPU, 1 thread, TPE seed 0, median pruner, "
+          f"median of {args.rounds} rounds, lookahead {args.lookahead}\n")
+    print("| space | mode | wall s | trials/hour | ratio | trial-epochs/s | ratio | best val_accuracy | s to reach "
+          f"{args.target} | pruned | mean group |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def fmt(v):
+        return "never" if v is None else f"{v:.1f}"
+
+    for space, solo, vec in rows:
+        ratio = vec["per_hour"] / solo["per_hour"]
+        epochs_ratio = vec["epochs_per_s"] / solo["epochs_per_s"]
+        print(f"| {space} | solo | {solo['seconds']:.1f} | {solo['per_hour']:.0f} | 1.00 | {solo['epochs_per_s']:.0f} | 1.00 | "
+              f"{solo['best']:.4f} | {fmt(solo['to_target'])} | {solo['pruned']} | 1 |")
+        print(f"| {space} | population (width {vec['width']}) | {vec['seconds']:.1f} | {vec['per_hour']:.0f} | {ratio:.2f} | "
+              f"{vec['epochs_per_s']:.0f} | {epochs_ratio:.2f} | {vec['best']:.4f} | {fmt(vec['to_target'])} | "
+              f"{vec['pruned']} | {vec['group']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,528 @@
+"""Vectorized trials: K models trained as one stacked model give the curves they give alone;
+population mode asks, groups, prunes, refills and tells real Optuna trials."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+from typing import Any
+
+import optuna
+import pytest
+import torch
+import yaml
+from conftest import DIGITS_YAML, hpo, study_file
+from optuna.trial import TrialState
+from torch import nn
+
+import trainers
+from hpo import coordinator, worker
+from hpo.config import ConfigError, Vectorize, config_from_dict, load_config
+from hpo.storage import open_storage
+from trainers.vectorized import (
+    NotVectorizable,
+    Slot,
+    StackedModel,
+    StackedOptimizer,
+    StackedTrainer,
+    check_hparams,
+    fit_stacked,
+    signature,
+)
+
+torch.set_num_threads(1)
+
+
+def toy_data(n: int = 384, features: int = 12, classes: int = 4, seed: int = 0) -> trainers.Data:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    w = torch.randn(features, classes, generator=g)
+    y = (x @ w).argmax(1)
+    split = n * 3 // 4
+    return trainers.Data((x[:split], y[:split]), (x[split:], y[split:]))
+
+
+def mlp(seed: int, width: int = 16, act: type[nn.Module] = nn.ReLU, dropout: float = 0.0, features: int = 12) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(features, width), act(), nn.Dropout(dropout), nn.Linear(width, width), act(), nn.Linear(width, 4))
+
+
+class Residual(nn.Module):
+    """Not a Sequential: runs through vmap, not the batched-matmul path."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp, self.hidden, self.out = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        return self.out(h + torch.tanh(self.hidden(h)))
+
+
+HPARAMS = [
+    {"lr": 0.01, "weight_decay": 1e-3, "optimizer": {"name": "adam", "beta1": 0.85}},
+    {"lr": 0.05, "weight_decay": 1e-4, "optimizer": {"name": "sgd", "momentum": 0.9, "nesterov": True}},
+    {"lr": 0.003, "weight_decay": 0.05, "optimizer": {"name": "adamw", "beta2": 0.99}},
+    {"lr": 0.1, "optimizer": {"name": "sgd", "momentum": 0.5, "nesterov": False}},
+    {"lr": 0.2, "weight_decay": 1e-2, "optimizer": "sgd"},
+]
+
+
+# --- per-slot optimizers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("specs", [
+    [{"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+     {"name": "sgd", "lr": 0.05, "momentum": 0.0},
+     {"name": "sgd", "lr": 0.02, "momentum": 0.7, "nesterov": False, "weight_decay": 0.1}],
+    [{"name": "adam", "lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 1e-2},
+     {"name": "adam", "lr": 3e-3, "eps": 1e-6}],
+    [{"name": "adamw", "lr": 1e-2, "weight_decay": 0.1}, {"name": "adamw", "lr": 2e-3, "beta1": 0.95}],
+    # One group mixing every kind: each slot follows its own rule.
+    [{"name": "adam", "lr": 1e-2}, {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+     {"name": "adamw", "lr": 5e-3, "weight_decay": 0.3}, {"name": "sgd", "lr": 0.3}],
+], ids=["sgd", "adam", "adamw", "mixed"])
+def test_stacked_optimizer_follows_torch_optim_step_for_step(specs: list[dict]) -> None:
+    k = len(specs)
+    g = torch.Generator().manual_seed(1)
+    init = [torch.randn(k, 5, 3, generator=g), torch.randn(k, 3, generator=g)]
+    grads = [[torch.randn(k, 5, 3, generator=g), torch.randn(k, 3, generator=g)] for _ in range(25)]
+    stacked = [t.clone().requires_grad_(True) for t in init]
+    opt = StackedOptimizer(stacked, specs)
+    solo = [[t[i].clone().requires_grad_(True) for t in init] for i in range(k)]
+    solo_opts = [trainers.build_optimizer(solo[i], specs[i]) for i in range(k)]
+    for step in grads:
+        for p, gr in zip(stacked, step):
+            p.grad = gr.clone()
+        opt.step()
+        for i in range(k):
+            for p, gr in zip(solo[i], step):
+                p.grad = gr[i].clone()
+            solo_opts[i].step()
+    for i in range(k):
+        for p_stacked, p_solo in zip(stacked, solo[i]):
+            torch.testing.assert_close(p_stacked[i].detach(), p_solo.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_hparams_the_stacked_loop_cannot_take_are_named() -> None:
+    config = trainers.TrainerConfig()
+    with pytest.raises(NotVectorizable, match="optimizer rmsprop"):
+        check_hparams({"optimizer": "rmsprop"}, config)
+    with pytest.raises(NotVectorizable, match="amsgrad"):
+        check_hparams({"optimizer": {"name": "adam", "amsgrad": True}}, config)
+    assert check_hparams({"lr": 0.1, "optimizer": {"name": "sgd", "momentum": 0.9}}, config)["lr"] == 0.1
+
+
+# --- grouped training equals solo training ------------------------------------------------------
+
+
+def solo_run(model: nn.Module, data: trainers.Data, config: trainers.TrainerConfig, hparams: dict) -> trainers.State:
+    return trainers.fit(model, data, config, hparams=hparams)
+
+
+@pytest.mark.parametrize("make", [mlp, Residual], ids=["batched-matmul", "vmap"])
+def test_grouped_training_gives_each_trial_its_solo_curve_and_weights(make) -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=4, batch_size=32, device="cpu")
+    seeds = [11, 12, 13, 14, 15]
+    slots = [Slot(key=i, hparams=HPARAMS[i], seed=s) for i, s in enumerate(seeds)]
+    # The batched path also stacks MLPs whose activations differ.
+    acts = [nn.ReLU, nn.GELU, nn.Tanh, nn.ReLU, nn.SiLU]
+    models = [make(s, act=acts[i]) if make is mlp else make(s) for i, s in enumerate(seeds)]
+    trainer = StackedTrainer(data, config, per_slot_data=True)
+    trainer.start([copy.deepcopy(m) for m in models], slots)
+    assert (trainer.model.plan is not None) == (make is mlp)
+    for _ in range(config.epochs):
+        trainer.train_epoch()
+    for i, (model, seed) in enumerate(zip(models, seeds)):
+        # Solo with the same seed: same initial weights, same data order (per-slot data).
+        state = solo_run(model, data, dataclasses.replace(config, seed=seed), HPARAMS[i])
+        for solo_epoch, slot_epoch in zip(state.history, trainer.slots[i].history, strict=True):
+            for name, value in solo_epoch.items():
+                assert slot_epoch[name] == pytest.approx(value, rel=1e-4, abs=1e-5), (i, name)
+        stacked = trainer.model.slot_state_dict(i)
+        for name, value in state.model.state_dict().items():
+            torch.testing.assert_close(stacked[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_data_order_is_one_order_for_every_slot() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu")
+    seeds = [3, 4, 5]
+    models = [mlp(s) for s in seeds]
+    trainer = StackedTrainer(data, config, seed=99)
+    trainer.start([copy.deepcopy(m) for m in models], [Slot(i, HPARAMS[i], s) for i, s in enumerate(seeds)])
+    for _ in range(2):
+        trainer.train_epoch()
+    # Each slot equals its model trained alone on the group's order (seed 99).
+    for i, model in enumerate(models):
+        state = solo_run(model, data, dataclasses.replace(config, seed=99), HPARAMS[i])
+        assert trainer.slots[i].history[-1]["val_loss"] == pytest.approx(state.metrics["val_loss"], rel=1e-4)
+
+
+def test_signature_ignores_activation_only_where_the_batched_path_handles_it() -> None:
+    assert signature(mlp(0, act=nn.ReLU)) == signature(mlp(1, act=nn.GELU))
+    assert signature(mlp(0, act=nn.ReLU), exact=True) != signature(mlp(1, act=nn.GELU), exact=True)
+    assert signature(mlp(0, width=16)) != signature(mlp(0, width=32))
+    with pytest.raises(NotVectorizable, match="activations differ"):
+        StackedModel([mlp(0, act=nn.ReLU), mlp(1, act=nn.GELU)], torch.device("cpu"), batched=False)
+
+
+def test_dropout_rate_is_per_slot() -> None:
+    data = toy_data()
+    models = [mlp(1, dropout=0.0), mlp(1, dropout=0.5)]
+    assert signature(models[0]) == signature(models[1])  # a rate does not change the architecture
+    stacked = StackedModel(models, torch.device("cpu"))
+    x = data.train[0][:64]
+    torch.manual_seed(0)
+    out = stacked(x)
+    stacked.eval()
+    clean = stacked(x)
+    assert torch.allclose(out[0], clean[0]) and not torch.allclose(out[1], clean[1])
+
+
+# --- pruning, refill, shrink -------------------------------------------------------------------
+
+
+class StopAt:
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_end(self, slot: Slot) -> None:
+        if slot.epoch == self.epoch:
+            raise RuntimeError(f"pruned at epoch {slot.epoch}")
+
+
+def test_a_slot_stopped_at_epoch_2_is_refilled_and_the_new_curve_starts_at_epoch_0() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=5, batch_size=32, device="cpu")
+    slots = [Slot("a", HPARAMS[0], 1), Slot("b", HPARAMS[1], 2, callbacks=[StopAt(2)]), Slot("c", HPARAMS[2], 3)]
+    ended: list[Slot] = []
+    seen: dict[str, list[int]] = {}
+
+    class Record:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def on_validation_end(self, slot: Slot) -> None:
+            seen.setdefault(self.name, []).append(slot.epoch)
+
+    for s in slots:
+        s.callbacks.append(Record(s.key))
+    fresh = iter([("d", HPARAMS[3], 4)])
+
+    def refill(slot: Slot):
+        nxt = next(fresh, None)
+        if nxt is None:
+            return None
+        key, hparams, seed = nxt
+        return mlp(seed), hparams, key, seed, [Record(key)]
+
+    trainer = fit_stacked([mlp(1), mlp(2), mlp(3)], slots, data, config, refill=refill, on_slot_end=ended.append)
+    assert trainer.size == 0
+    by_key = {s.key: s for s in ended}
+    assert str(by_key["b"].error) == "pruned at epoch 2" and len(by_key["b"].history) == 3
+    assert seen["d"] == [0, 1, 2, 3, 4] and len(by_key["d"].history) == 5
+    assert by_key["a"].error is None and len(by_key["a"].history) == 5
+    # The refilled slot trained from fresh weights: its first epoch matches a fresh solo run.
+    solo = solo_run(mlp(4), data, dataclasses.replace(config, epochs=1, seed=0), HPARAMS[3])
+    assert by_key["d"].history[0]["val_accuracy"] == pytest.approx(solo.metrics["val_accuracy"], abs=0.1)
+
+
+def test_non_finite_loss_fails_one_slot_only() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu")
+    slots = [Slot(0, {"lr": 1e6, "optimizer": "sgd"}, 1), Slot(1, HPARAMS[0], 2)]
+    ended: list[Slot] = []
+    fit_stacked([mlp(1), mlp(2)], slots, data, config, on_slot_end=ended.append)
+    by_key = {s.key: s for s in ended}
+    assert isinstance(by_key[0].error, trainers.NonFiniteLossError)
+    assert by_key[1].error is None and by_key[1].metrics["val_accuracy"] > 0.5
+
+
+# --- what cannot be stacked -------------------------------------------------------------------
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if h.sum() > 0:  # control flow on a value that differs per slot
+            return h
+        return -h
+
+
+def test_models_that_cannot_be_stacked_are_named_with_the_reason() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=1, batch_size=32, device="cpu")
+    with_bn = [nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)) for _ in range(2)]
+    with pytest.raises(NotVectorizable, match="BatchNorm1d at 1 updates running statistics"):
+        StackedTrainer(data, config).start(with_bn, [Slot(i, {}) for i in range(2)])
+    with pytest.raises(NotVectorizable, match="data-dependent control flow"):
+        StackedTrainer(data, config).start([Branchy(), Branchy()], [Slot(i, {}) for i in range(2)])
+    with pytest.raises(NotVectorizable, match="scheduler"):
+        StackedTrainer(data, dataclasses.replace(config, scheduler="cosine"))
+
+
+# --- population mode in the worker --------------------------------------------------------------
+
+POP_TASK = '''
+import torch
+from torch import nn
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 8, generator=g)
+    y = ((x[:, 0] + 0.5 * x[:, 1]) > 0).long()
+    return x[:256], y[:256], x[256:], y[256:]
+
+def model(params):
+    m = params.get("model", {})
+    width = m.get("width", 16)
+    if m.get("norm"):
+        return nn.Sequential(nn.Linear(8, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 2))
+    return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Dropout(m.get("dropout", 0.0)), nn.Linear(width, 2))
+'''
+
+
+def pop_study(tmp_path, name: str, *, vectorize: dict | None, baseline: list, n_trials: int, epochs: int = 4,
+              pruner: Any = "none", space: dict | None = None) -> str:
+    (tmp_path / "poptask.py").write_text(POP_TASK)
+    raw = {
+        "study": {"name": name, "direction": "maximize", "metric": "val_accuracy", "n_trials": n_trials, "seed": 3,
+                  "sampler": "random", "pruner": pruner},
+        "trainer": {"epochs": epochs, "batch_size": 32, "device": "cpu", "threads": 1},
+        "task": {"model": "poptask:model", "data": "poptask:data"},
+        "space": space or {
+            "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+            "model": {"width": {"type": "categorical", "choices": [8, 16]}, "norm": False},
+            "optimizer": {"type": "categorical", "choices": {"adam": {"beta1": {"type": "float", "low": 0.8, "high": 0.95}},
+                                                              "sgd": {"momentum": {"type": "float", "low": 0.0, "high": 0.9}}}},
+        },
+        "baseline": baseline,
+    }
+    if vectorize is not None:
+        raw["study"]["vectorize"] = vectorize
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def run_study(path: str, url: str, name: str) -> tuple[optuna.Study, worker.Summary]:
+    coordinator.create(load_config(path), open_storage(url))
+    summary = worker.run_worker(name, url, index=0, threads=1)
+    return optuna.load_study(study_name=name, storage=open_storage(url)), summary
+
+
+MIXED = [
+    {"lr": 0.05, "model": {"width": 8}, "optimizer": {"name": "adam", "beta1": 0.9}},
+    {"lr": 0.02, "model": {"width": 16}, "optimizer": {"name": "sgd", "momentum": 0.9}},
+    {"lr": 0.01, "model": {"width": 8}, "optimizer": {"name": "sgd", "momentum": 0.5}},
+    {"lr": 0.03, "model": {"width": 16}, "optimizer": {"name": "adam", "beta1": 0.85}},
+    {"lr": 0.04, "model": {"width": 8}, "optimizer": {"name": "adam", "beta1": 0.8}},
+]
+
+
+def test_population_groups_one_ask_by_architecture_and_each_trial_keeps_its_solo_curve(tmp_path) -> None:
+    vec, vec_summary = run_study(pop_study(tmp_path, "vec", vectorize={"width": 5, "data": "per_slot"}, baseline=MIXED, n_trials=5),
+                                 str(tmp_path / "vec.journal"), "vec")
+    solo, _ = run_study(pop_study(tmp_path, "solo", vectorize=None, baseline=MIXED, n_trials=5),
+                        str(tmp_path / "solo.journal"), "solo")
+    assert vec_summary.states == {"COMPLETE": 5}
+    trials = vec.get_trials()
+    # One ask of five: widths 8 (three trials) and 16 (two) trained as two groups.
+    assert [t.user_attrs["hpo:vectorized_width"] for t in trials] == [3, 2, 3, 2, 3]
+    for t in trials:
+        assert t.user_attrs["hpo:vectorize"] == {"width": 5, "auto": False, "data": "per_slot"}
+        assert t.user_attrs["hpo:worker"] and t.user_attrs["hpo:seeds"]["trial"] == 3 + t.number
+        assert set(t.user_attrs["hpo:metrics"]) >= {"val_accuracy", "val_loss", "train_loss"}
+    # Per-slot data order and the trial's seed: the same curve as the trial trained alone.
+    for grouped, alone in zip(trials, solo.get_trials(), strict=True):
+        assert grouped.params == alone.params
+        assert list(grouped.intermediate_values) == [0, 1, 2, 3]
+        for step, value in alone.intermediate_values.items():
+            assert grouped.intermediate_values[step] == pytest.approx(value, abs=1e-6)
+        assert grouped.user_attrs["hpo:metrics"]["val_loss"] == pytest.approx(alone.user_attrs["hpo:metrics"]["val_loss"], rel=1e-4)
+
+
+def test_population_prunes_a_slot_at_epoch_2_and_refills_it_with_a_trial_that_starts_at_epoch_0(tmp_path) -> None:
+    slow = {"lr": 1e-3, "model": {"width": 16}, "optimizer": {"name": "sgd", "momentum": 0.0}}
+    good = [{"lr": 0.05, "model": {"width": 16}, "optimizer": {"name": "adam", "beta1": 0.9}}] * 4
+    pruner = {"name": "threshold", "options": {"lower": 0.7, "n_warmup_steps": 2}}
+    study, summary = run_study(
+        pop_study(tmp_path, "prune", vectorize={"width": 4, "lookahead": 1}, baseline=[slow, *good], n_trials=5, epochs=5, pruner=pruner),
+        str(tmp_path / "prune.journal"), "prune")
+    trials = study.get_trials()
+    assert summary.states == {"PRUNED": 1, "COMPLETE": 4}
+    assert trials[0].state == TrialState.PRUNED and list(trials[0].intermediate_values) == [0, 1, 2]
+    assert trials[0].user_attrs["hpo:pruned"].startswith("pruned at epoch 2")
+    # Trial 4 was asked when slot 0 was freed, and trained five epochs of its own from epoch 0.
+    refill = trials[4]
+    assert refill.state == TrialState.COMPLETE and list(refill.intermediate_values) == [0, 1, 2, 3, 4]
+    assert refill.user_attrs["hpo:vectorized_width"] == 4
+    assert refill.datetime_start >= trials[0].datetime_complete
+    assert refill.datetime_complete > trials[3].datetime_complete
+
+
+def test_a_model_that_cannot_be_stacked_runs_alone_with_one_warning_line(tmp_path, capfd) -> None:
+    space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}, "model": {"width": 16, "norm": True}}
+    study, summary = run_study(pop_study(tmp_path, "bn", vectorize={"width": 4}, baseline=[], n_trials=6, space=space),
+                               str(tmp_path / "bn.journal"), "bn")
+    assert summary.states == {"COMPLETE": 6}
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["hpo: warning: vectorize: BatchNorm1d at 1 updates running statistics in train mode "
+                        "(no per-slot handling yet); running trials one at a time"]
+    assert all(t.user_attrs["hpo:vectorized_width"] == 1 for t in study.get_trials())
+
+
+def test_auto_width_is_measured_and_recorded(tmp_path, capfd) -> None:
+    study, summary = run_study(pop_study(tmp_path, "auto", vectorize={"width": "auto", "max_width": 8}, baseline=[], n_trials=6),
+                               str(tmp_path / "auto.journal"), "auto")
+    assert sum(summary.states.values()) == 6
+    chosen = {t.user_attrs["hpo:vectorize"]["width"] for t in study.get_trials()}
+    assert len(chosen) == 1 and chosen.pop() in (1, 2, 4, 8)
+    assert "hpo: vectorize: auto chose width" in capfd.readouterr().err
+
+
+# --- the study file ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("vectorize", "expected"), [
+    ("{width: 0}", "study.vectorize.width: 0 is not a positive integer or auto (expected an integer >= 1 or auto)"),
+    ("{width: fast}", "study.vectorize.width: 'fast' is not a positive integer or auto (expected an integer >= 1 or auto)"),
+    ("{widht: 4}", "study.vectorize.widht: unknown key; did you mean width? (expected one of data, lookahead, max_width, width)"),
+    ("{width: 4, lookahead: 0}", "study.vectorize.lookahead: 0 is not an integer >= 1 (expected an integer >= 1)"),
+    ("{width: 4, data: per-slot}", "study.vectorize.data: 'per-slot' is not a data mode; did you mean per_slot? (expected shared or per_slot)"),
+    ("{width: 4, max_width: 8}", "study.vectorize.max_width: max_width bounds auto only (expected width: auto, or no max_width)"),
+    ("{width: auto, max_width: 0}", "study.vectorize.max_width: 0 is not an integer >= 1 (expected an integer >= 1)"),
+    ("8", "study.vectorize: 8 is not a mapping (expected vectorize: {width: 8} or {width: auto})"),
+])
+def test_vectorize_mistakes_are_one_line_each_with_the_line_number(tmp_path, vectorize: str, expected: str) -> None:
+    text = DIGITS_YAML.read_text().replace("  n_trials: 40\n", f"  n_trials: 40\n  vectorize: {vectorize}\n")
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert [str(p) for p in info.value.problems] == [f"{path}:8: {expected}"]
+
+
+def test_vectorize_defaults_and_round_trip(tmp_path) -> None:
+    text = DIGITS_YAML.read_text().replace("  n_trials: 40\n", "  n_trials: 40\n  vectorize: {}\n")
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    config = load_config(str(path))
+    assert config.study.vectorize == Vectorize(width="auto", data="shared", max_width=64, lookahead=1)
+    assert config_from_dict(json.loads(json.dumps(config.raw)), "stored").study == config.study
+
+
+# --- end to end: the CLI, Redis, two workers ---------------------------------------------------
+
+
+def population_file(tmp_path, name: str, width: Any = 4) -> str:
+    """The shipped digits study, short, in population mode; the low-lr baseline is pruned at epoch 1."""
+    from test_e2e import FAST, SLOW_BASELINE
+
+    path = study_file(tmp_path, name, **FAST)
+    raw = yaml.safe_load(path.read_text())
+    # Four baseline trials of one architecture: the first worker's first ask is a group of four.
+    raw["baseline"] = [SLOW_BASELINE, *({**SLOW_BASELINE, "lr": lr, "optimizer": {"name": "adam", "beta1": 0.9}}
+                                        for lr in (0.003, 0.01, 0.02))]
+    raw["study"]["vectorize"] = {"width": width}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.e2e
+def test_hpo_run_in_population_mode(tmp_path) -> None:
+    result = hpo("run", population_file(tmp_path, "pop-run"), "--threads", "1", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "best: trial #" in result.stdout
+    study = optuna.load_study(study_name="pop-run", storage=open_storage(str(tmp_path / "hpo.journal")))
+    trials = study.get_trials()
+    assert len(trials) == 9 and {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert trials[0].state == TrialState.PRUNED and study.best_value > 0.5
+    assert all(t.user_attrs["hpo:vectorize"]["width"] == 4 for t in trials)
+    status = hpo("status", "--json", cwd=tmp_path)
+    assert json.loads(status.stdout)["counts"]["COMPLETE"] == sum(t.state == TrialState.COMPLETE for t in trials)
+
+
+@pytest.mark.e2e
+def test_two_population_workers_share_a_study_on_redis(tmp_path, redis_url: str) -> None:
+    name = "pop-redis"
+    created = hpo("create", population_file(tmp_path, name), "--storage", redis_url, cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", name, "--storage", redis_url, "--threads", "1",
+                          "--worker-index", str(i)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    for w in workers:
+        _out, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err
+    study = optuna.load_study(study_name=name, storage=open_storage(redis_url))
+    trials = study.get_trials()
+    # The budget held across both workers' asks of up to four trials each.
+    assert len(trials) == 9
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert len({t.user_attrs["hpo:worker"] for t in trials}) == 2
+    assert [t.user_attrs["hpo:vectorized_width"] for t in trials[:4]] == [4, 4, 4, 4]
+    assert len({t.user_attrs["hpo:worker"] for t in trials[:4]}) == 1
+
+
+def test_the_heartbeat_covers_every_trial_a_population_worker_holds(tmp_path) -> None:
+    from hpo import heartbeat
+
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "b.journal")), study_name="beat")
+    trials = [study.ask() for _ in range(3)]
+    beat = heartbeat.Heartbeat(study, "w", 30, 120, 2)
+    beat.running(trials)
+    assert heartbeat.workers(study)["w"]["trial"] == 0 and heartbeat.workers(study)["w"]["trials"] == [0, 1, 2]
+    beat.running(None)
+    beat.beat()
+    assert heartbeat.workers(study)["w"]["trial"] is None
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 0), ("SIGINT", 130)])
+def test_a_signal_hands_back_every_trial_the_population_worker_holds(tmp_path, sig: str, code: int) -> None:
+    import signal
+    import time
+
+    path = pop_study(tmp_path, "term", vectorize={"width": 3, "lookahead": 2}, baseline=MIXED, n_trials=8, epochs=100_000)
+    url = str(tmp_path / "term.journal")
+    coordinator.create(load_config(path), open_storage(url))
+    study = optuna.load_study(study_name="term", storage=open_storage(url))
+    proc = subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", "term", "--storage", url, "--threads", "1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(t.intermediate_values for t in study.get_trials()):
+        time.sleep(0.1)
+    proc.send_signal(getattr(signal, sig))
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    # Three training and three waiting (lookahead 2 x width 3): all failed with the reason and re-queued.
+    assert len(stopped) == 6, ([(t.number, t.state.name) for t in trials], err)
+    assert all(t.user_attrs["hpo:fail_reason"].startswith(f"interrupted by {sig}") for t in stopped)
+    retried = sorted(t.user_attrs["hpo:retry_of"] for t in trials if t.state == TrialState.WAITING)
+    assert retried == sorted(t.number for t in stopped)
+
+
+def test_population_mode_on_postgresql_beats_for_every_trial(tmp_path, postgres_url: str) -> None:
+    # RDB storages use Optuna's own per-trial heartbeat: each held trial gets one.
+    path = pop_study(tmp_path, "pg", vectorize={"width": 3}, baseline=MIXED, n_trials=5)
+    raw = yaml.safe_load(open(path).read())
+    raw["study"].update({"heartbeat_interval": 1, "grace_period": 5})
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    study, summary = run_study(path, postgres_url, "pg")
+    assert summary.states == {"COMPLETE": 5}
+    assert [t.user_attrs["hpo:vectorized_width"] for t in study.get_trials()] == [2, 2, 2, 2, 1]

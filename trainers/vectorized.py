@@ -1,0 +1,764 @@
+"""K models of one architecture trained as one stacked model: one forward, one backward and one
+optimizer update per batch for all of them, each slot with its own hyperparameters.
+
+Small models leave the device idle: on a CPU a digits MLP step is mostly per-op overhead, and
+that overhead is paid once for K slots here. The parameters of the K models are stacked along a
+new leading dimension (`torch.func.stack_module_state`); a plain `nn.Sequential` of linear
+layers, element-wise activations and dropout runs as batched matrix products, anything else
+through `torch.func.vmap` over `functional_call`. The loss is the *sum* of the slots' mean
+losses, so each slot's gradient is exactly its own model's gradient.
+
+Per slot: the optimizer and its learning rate, weight decay, momentum and nesterov (SGD), betas
+and eps (Adam, AdamW), each slot updated by torch's fused kernel on its views of the stacked
+tensors (as `torch.optim` with ``fused=True``); the dropout rate, as a stacked buffer; and in the
+batched-matmul path the activation. A slot can be replaced (fresh weights and optimizer state,
+its epoch count back to 0) or dropped, so a caller can prune and refill slots while the others
+train on.
+
+Models that cannot be stacked raise `NotVectorizable` when the group is built (the first
+forward and backward run there), so the caller can train them one at a time instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from trainers import metrics as metrics_mod
+from trainers.callbacks import Dispatch
+from trainers.config import TrainerConfig
+from trainers.data import Data
+from trainers.loop import NonFiniteLossError, optimizer_spec, resolve_device
+from trainers.precision import autocast_for
+
+STACKED_OPTIMIZERS = ("sgd", "adam", "adamw")
+# Options each stacked optimizer takes per slot (torch.optim's names; beta1/beta2 as in build_optimizer).
+OPTIMIZER_OPTIONS = {
+    "sgd": {"lr", "weight_decay", "momentum", "nesterov", "dampening"},
+    "adam": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps"},
+    "adamw": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps"},
+}
+# Parameter-free element-wise modules: applied to a [K, B, ...] tensor they act on each slot alone.
+ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
+               nn.Identity, nn.Hardtanh, nn.ReLU6, nn.SELU, nn.CELU, nn.Softsign, nn.Tanhshrink)
+
+
+class NotVectorizable(RuntimeError):
+    """These models or settings cannot be trained as one stacked model; the message says why."""
+
+
+class Stopped(Exception):
+    """The caller's `stop` check asked the run to end; the slots still training are in `slots`."""
+
+    def __init__(self, slots: list[Slot]) -> None:
+        super().__init__("stopped on request")
+        self.slots = slots
+
+
+def signature(model: nn.Module, *, exact: bool = False) -> tuple:
+    """What must agree for models to be stacked: every parameter's and buffer's name, shape and
+    dtype, and every submodule's type.
+
+    In a plain `nn.Sequential` of linear layers, element-wise activations and dropout (the
+    batched-matmul path) the activations may differ per slot: each distinct one is applied to
+    the whole stack and the slots pick theirs, so there the activation is left out unless `exact`.
+    """
+    tensors = tuple((name, tuple(t.shape), str(t.dtype)) for name, t in (*model.named_parameters(), *model.named_buffers()))
+    loose = not exact and _sequential_plan(model) is not None
+    modules = tuple((name, "elementwise" if loose and type(m) in ELEMENTWISE else type(m).__qualname__)
+                    for name, m in model.named_modules())
+    return tensors, modules
+
+
+def check_model(model: nn.Module) -> None:
+    """Raises `NotVectorizable` for what is known not to stack, before any work."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            raise NotVectorizable(f"{type(module).__name__} at {name or 'the root'} updates running statistics in train mode "
+                                  "(no per-slot handling yet)")
+        if isinstance(module, (nn.RNNBase,)):
+            raise NotVectorizable(f"{type(module).__name__} at {name} uses fused recurrent kernels that vmap cannot batch")
+
+
+def check_settings(config: TrainerConfig, data: Data) -> None:
+    """Raises `NotVectorizable` for trainer settings the stacked loop does not implement yet."""
+    unsupported = {
+        "scheduler": config.scheduler is not None,
+        "precision fp16-mixed (one gradient scaler per slot)": str(config.precision) == "fp16-mixed",
+        "checkpoint_dir (per-slot checkpoints)": config.checkpoint_dir is not None,
+        "log_dir (per-slot loggers)": config.log_dir is not None,
+        "compile": config.compile,
+        "channels_last": config.channels_last,
+    }
+    found = [what for what, on in unsupported.items() if on]
+    if found:
+        raise NotVectorizable(f"trainer setting {', '.join(found)} is not supported by the stacked loop yet")
+    if not (isinstance(data.train, tuple) and isinstance(data.val, tuple)):
+        raise NotVectorizable("the data streams from a DataLoader; the stacked loop needs tensors")
+
+
+def check_hparams(hparams: Mapping[str, Any], config: TrainerConfig) -> dict[str, Any]:
+    """The slot's optimizer spec; raises `NotVectorizable` for an optimizer or option not stacked yet."""
+    if hparams.get("scheduler") is not None:
+        raise NotVectorizable("a per-trial learning-rate schedule is not supported by the stacked loop yet")
+    spec = optimizer_spec(config, hparams)
+    name = str(spec.get("name", "adam")).lower()
+    if name not in STACKED_OPTIMIZERS:
+        raise NotVectorizable(f"optimizer {name} has no stacked implementation (stacked: {', '.join(STACKED_OPTIMIZERS)})")
+    unknown = sorted(set(spec) - {"name"} - OPTIMIZER_OPTIONS[name])
+    if unknown:
+        raise NotVectorizable(f"optimizer {name} option {', '.join(unknown)} is not stacked yet")
+    if name == "sgd" and spec.get("dampening", 0) != 0:
+        raise NotVectorizable("SGD dampening is not stacked yet")
+    return {**spec, "name": name}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stacked model
+
+
+class _SlotDropout(nn.Module):
+    """Dropout whose rate is a buffer, so that stacking gives every slot its own rate."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.register_buffer("p", torch.tensor(float(p)))
+        self.active = True  # False when every slot's rate is 0: no random numbers drawn at all
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.active:
+            return x
+        p = self.p
+        keep = (torch.rand_like(x) >= p).to(x.dtype)
+        return x * keep / (1 - p)
+
+
+def _swap_dropout(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every `nn.Dropout` replaced by `_SlotDropout` of the same rate."""
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(module, child_name, _SlotDropout(child.p))
+    return model
+
+
+def _sequential_plan(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The layers of a `nn.Sequential` that the batched-matmul path can run, or None."""
+    if type(model) is not nn.Sequential:
+        return None
+    plan = []
+    for name, layer in model.named_children():
+        if type(layer) in (nn.Linear, nn.Dropout, _SlotDropout) or type(layer) in ELEMENTWISE:
+            plan.append((name, layer))
+        else:
+            return None
+    return plan
+
+
+class StackedModel:
+    """K same-shape models as stacked parameter tensors [K, ...] with one forward for all.
+
+    `forward(x)` takes a shared batch [B, ...] or a per-slot one [K, B, ...] and returns [K, B, ...].
+    """
+
+    def __init__(self, models: Sequence[nn.Module], device: torch.device, *, batched: bool | None = None) -> None:
+        if not models:
+            raise ValueError("no models to stack")
+        first = signature(models[0])
+        for i, m in enumerate(models[1:], 1):
+            if signature(m) != first:
+                raise NotVectorizable(f"model {i} has another architecture than model 0 (its signature differs)")
+        for m in models:
+            check_model(m)
+        swapped = [_swap_dropout(m).to(device) for m in models]
+        self.device = device
+        self.base = copy.deepcopy(swapped[0]).to("meta")
+        params, buffers = stack_module_state(swapped)
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
+        self.dropouts = {name: m for name, m in self.base.named_modules() if isinstance(m, _SlotDropout)}
+        self.plan = _sequential_plan(self.base) if batched is not False else None
+        if self.plan is None and any(signature(m, exact=True) != signature(models[0], exact=True) for m in models):
+            raise NotVectorizable("the models' activations differ, which only the batched-matmul path of an nn.Sequential handles")
+        # Each slot's own activation modules, by position (the batched path applies them per slot).
+        self.activations = {name: [getattr(m, name) for m in swapped] for name, layer in (self.plan or [])
+                            if type(layer) in ELEMENTWISE}
+        self._sync_activations()
+        self.training = True
+        self._vmapped = {
+            shared: vmap(self._one, in_dims=(0, 0, None if shared else 0), randomness="different") for shared in (True, False)
+        }
+        self._sync_dropout()
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def train(self, mode: bool = True) -> None:
+        self.training = mode
+        self.base.train(mode)
+
+    def eval(self) -> None:
+        self.train(False)
+
+    def _one(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def forward(self, x: torch.Tensor, *, shared: bool = True) -> torch.Tensor:
+        if self.plan is None:
+            return self._vmapped[shared](self.params, self.buffers, x)
+        h = x
+        for name, layer in self.plan:
+            if type(layer) is nn.Linear:
+                weight, bias = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
+                # [B, in] @ [K, in, out] broadcasts to [K, B, out]; [K, B, in] is a bmm.
+                h = torch.matmul(h, weight.transpose(1, 2))
+                if bias is not None:
+                    h = h + bias.unsqueeze(1)
+            elif type(layer) is _SlotDropout:
+                if self.training and layer.active:
+                    keep = (1 - self.buffers[f"{name}.p"]).view(-1, *([1] * (h.dim() - 1)))
+                    # rand < keep, in place: 4 passes (bernoulli_ with a tensor of rates is several times slower).
+                    h = h * torch.rand_like(h).lt_(keep).div_(keep.clamp_min(1e-12))
+            else:
+                h = self._activate(name, h)
+        if h.dim() == x.dim() and shared:  # a plan of element-wise layers only
+            h = h.expand(self.size, *h.shape)
+        return h
+
+    __call__ = forward
+
+    def _activate(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        kinds = self._kinds[name]
+        out = kinds[0][0](h)
+        for module, mask in kinds[1:]:  # a mixed group: each distinct activation once, each slot takes its own
+            out = torch.where(mask.view(-1, *([1] * (h.dim() - 1))), module(h), out)
+        return out
+
+    def _sync_activations(self) -> None:
+        """Per position: the distinct activations among the slots, with the mask of slots using each."""
+        self._kinds: dict[str, list[tuple[nn.Module, torch.Tensor | None]]] = {}
+        for name, modules in self.activations.items():
+            keys = [(type(m), m.extra_repr()) for m in modules]
+            distinct = list(dict.fromkeys(keys))
+            self._kinds[name] = [
+                (modules[keys.index(key)], torch.tensor([k == key for k in keys], device=self.device))
+                for key in distinct
+            ]
+
+    def load_slot(self, index: int, model: nn.Module) -> None:
+        """Copies `model`'s weights and buffers into slot `index` (a refill)."""
+        if signature(model) != signature(self._reference()):
+            raise NotVectorizable("the new model has another architecture than the group")
+        swapped = _swap_dropout(model).to(self.device)
+        with torch.no_grad():
+            for name, value in swapped.named_parameters():
+                self.params[name][index].copy_(value)
+            for name, value in swapped.named_buffers():
+                self.buffers[name][index].copy_(value)
+        for name, modules in self.activations.items():
+            modules[index] = getattr(swapped, name)
+        self._sync_dropout()
+        self._sync_activations()
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keeps only the slots at `indices`, in that order (the group shrinks)."""
+        index = torch.tensor(list(indices), device=self.device, dtype=torch.long)
+        self.params = {k: v.detach().index_select(0, index).requires_grad_(True) for k, v in self.params.items()}
+        self.buffers = {k: v.index_select(0, index) for k, v in self.buffers.items()}
+        self.activations = {name: [modules[i] for i in indices] for name, modules in self.activations.items()}
+        self._sync_dropout()
+        self._sync_activations()
+
+    def slot_state_dict(self, index: int) -> dict[str, torch.Tensor]:
+        """Slot `index`'s weights under the original model's names (dropout rates left out)."""
+        out = {k: v[index].detach().clone() for k, v in self.params.items()}
+        out.update({k: v[index].clone() for k, v in self.buffers.items() if k.rsplit(".", 1)[0] not in self.dropouts})
+        return out
+
+    def _reference(self) -> nn.Module:
+        # Signature of the original models: the base with dropout modules put back.
+        ref = copy.deepcopy(self.base)
+        for module in list(ref.modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, _SlotDropout):
+                    setattr(module, child_name, nn.Dropout())
+        return ref
+
+    def _sync_dropout(self) -> None:
+        for name, module in self.dropouts.items():
+            module.active = bool((self.buffers[f"{name}.p"] > 0).any())
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-slot optimizers
+
+
+class StackedOptimizer:
+    """SGD (momentum, nesterov), Adam and AdamW on stacked tensors, each slot with its own kind and
+    hyperparameters, numerically as `torch.optim` with ``fused=True``.
+
+    Slot k's parameters, gradients and state are the views ``t[k]`` of the stacked tensors (no
+    copies), and each slot's update is one call of torch's fused kernel over all of its tensors:
+    one pass over memory. A formula on [K, ...] tensors with per-slot coefficient tensors was
+    measured first: its dozen element-wise passes made the update cost more than the forward and
+    backward at width 256 on a CPU.
+    """
+
+    def __init__(self, params: list[torch.Tensor], specs: Sequence[Mapping[str, Any]]) -> None:
+        self.params = params
+        self.specs = [_fused_options(s) for s in specs]
+        self.m = [torch.zeros_like(p) for p in params]  # SGD's momentum buffer, Adam's first moment
+        self.v = [torch.zeros_like(p) for p in params]  # Adam's second moment
+        self.steps = [torch.zeros((), dtype=torch.float32, device=params[0].device) for _ in specs]
+        self._views()
+
+    def _views(self) -> None:
+        # Per slot, the views of its tensors, made once (`unbind` is one call per tensor, not per slot).
+        self.slot_params = list(zip(*(p.unbind(0) for p in self.params)))
+        self.slot_m = list(zip(*(m.unbind(0) for m in self.m)))
+        self.slot_v = list(zip(*(v.unbind(0) for v in self.v)))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        every = len(live) == len(self.params)
+        slot_grads = list(zip(*(self.params[i].grad.unbind(0) for i in live)))
+        for k, (kind, options) in enumerate(self.specs):
+            pick = (lambda views: list(views)) if every else (lambda views: [views[i] for i in live])  # noqa: E731
+            params, grads, m = pick(self.slot_params[k]), list(slot_grads[k]), pick(self.slot_m[k])
+            if kind == "sgd":
+                # Zero-initialized buffers: the first update gives buf = grad, as torch's clone does.
+                torch._fused_sgd_(params, grads, m if options["momentum"] else [], is_first_step=False,
+                                  maximize=False, dampening=0.0, **options)
+                continue
+            self.steps[k] += 1
+            fused = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
+            fused(params, grads, m, pick(self.slot_v[k]), [], [self.steps[k]] * len(live),
+                  amsgrad=False, maximize=False, **options)
+
+    def reset_slot(self, index: int, spec: Mapping[str, Any]) -> None:
+        """Fresh state and hyperparameters for slot `index` (a refill)."""
+        with torch.no_grad():
+            for m, v in zip(self.m, self.v):
+                m[index].zero_()
+                v[index].zero_()
+        self.steps[index] = torch.zeros_like(self.steps[index])
+        self.specs[index] = _fused_options(spec)
+
+    def rebind(self, params: list[torch.Tensor], indices: Sequence[int]) -> None:
+        """Follows `StackedModel.keep`: new parameter tensors, state of the kept slots only."""
+        index = torch.tensor(list(indices), device=params[0].device, dtype=torch.long)
+        self.params = params
+        self.m = [m.index_select(0, index) for m in self.m]
+        self.v = [v.index_select(0, index) for v in self.v]
+        self.steps = [self.steps[i] for i in indices]
+        self.specs = [self.specs[i] for i in indices]
+        self._views()
+
+
+def _fused_options(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The kernel and its keyword arguments for one slot, with torch.optim's defaults."""
+    name = spec["name"]
+    lr = float(spec.get("lr", 1e-3))
+    if name == "sgd":
+        return name, {"lr": lr, "weight_decay": float(spec.get("weight_decay", 0.0)),
+                      "momentum": float(spec.get("momentum", 0.0)), "nesterov": bool(spec.get("nesterov", False))}
+    beta1, beta2 = spec.get("betas", (spec.get("beta1", 0.9), spec.get("beta2", 0.999)))
+    beta1, beta2 = float(spec.get("beta1", beta1)), float(spec.get("beta2", beta2))
+    decay = float(spec.get("weight_decay", 1e-2 if name == "adamw" else 0.0))  # torch's defaults
+    return name, {"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": decay, "eps": float(spec.get("eps", 1e-8))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop over a population of slots
+
+
+@dataclass
+class Slot:
+    """One model in the group, as its callbacks see it (the fields `trainers.State` has for one run)."""
+
+    key: Any  # the caller's handle, e.g. a trial
+    hparams: dict[str, Any]
+    seed: int | None = None
+    epoch: int = 0  # the epoch being trained or just validated (0-based), as `State.epoch`
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    callbacks: list[Any] = field(default_factory=list)
+    should_stop: bool = False
+    stop_reason: str | None = None
+    error: BaseException | None = None  # set when this slot failed (a callback raised, a NaN loss)
+    resumed: bool = False  # as `State.resumed`; slots always start fresh
+    generator: torch.Generator | None = None  # per-slot data order
+    global_step: int = 0
+
+    def stop(self, reason: str) -> None:
+        """Ends this slot after the current epoch."""
+        self.should_stop, self.stop_reason = True, reason
+
+    @property
+    def done(self) -> bool:
+        return self.should_stop or self.error is not None
+
+
+Refill = Callable[[Slot], "tuple[nn.Module, dict[str, Any], Any, int | None, list[Any]] | None"]
+
+
+class StackedTrainer:
+    """Trains a group of slots epoch by epoch; the caller may replace or drop slots between epochs.
+
+    Args:
+        per_slot_data: each slot draws its own batch order from a generator seeded with its seed
+            (as `fit` does for one run); otherwise all slots share one order (the default: one
+            gather per batch for all slots, and the slots' curves differ only by their hyperparameters).
+    """
+
+    def __init__(
+        self,
+        data: Data,
+        config: TrainerConfig,
+        *,
+        kind: str = "classification",
+        per_slot_data: bool = False,
+        seed: int | None = None,
+        batched: bool | None = None,
+    ) -> None:
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        check_settings(config, data)
+        self.config, self.kind, self.per_slot_data = config, kind, per_slot_data
+        self.device = resolve_device(config.device)
+        self.autocast = autocast_for(config.precision, self.device)
+        self.data = data.to(self.device)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.batched = batched
+        self.model: StackedModel | None = None
+        self.optimizer: StackedOptimizer | None = None
+        self.slots: list[Slot] = []
+        self.stop: Callable[[], bool] | None = None  # checked before every batch and slot event
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    def start(self, models: Sequence[nn.Module], slots: Sequence[Slot]) -> None:
+        """Builds the stacked model and runs one forward and backward on a real batch: a model that
+        cannot be stacked fails here, with `NotVectorizable`, before any slot trained."""
+        specs = [check_hparams(s.hparams, self.config) for s in slots]
+        self.model = StackedModel(models, self.device, batched=self.batched)
+        self.optimizer = StackedOptimizer(self.model.parameters(), specs)
+        self.slots = list(slots)
+        for slot in self.slots:
+            self._seed_slot(slot)
+        self._probe(models)
+
+    def replace(self, index: int, model: nn.Module, slot: Slot) -> None:
+        """Slot `index` starts over with `model` (fresh weights and optimizer state) as `slot`."""
+        spec = check_hparams(slot.hparams, self.config)
+        self.model.load_slot(index, model)
+        self.optimizer.reset_slot(index, spec)
+        self._seed_slot(slot)
+        self.slots[index] = slot
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Drops every slot not in `indices` (the group shrinks)."""
+        if not indices:
+            self.slots = []
+            return
+        self.model.keep(indices)
+        self.optimizer.rebind(self.model.parameters(), indices)
+        self.slots = [self.slots[i] for i in indices]
+
+    def _seed_slot(self, slot: Slot) -> None:
+        if self.per_slot_data and slot.generator is None and slot.seed is not None:
+            slot.generator = torch.Generator().manual_seed(slot.seed)
+
+    def _probe(self, models: Sequence[nn.Module]) -> None:
+        x = self.data.train[0][: self.config.batch_size]
+        batch = (x,) if not self.per_slot_data else (x.expand(self.size, *x.shape),)
+        try:
+            with self.autocast():
+                out = self.model(batch[0], shared=not self.per_slot_data)
+            out.float().sum().backward()
+            self.optimizer.zero_grad()
+            # Same outputs as the models themselves (eval mode, so dropout does not differ): this
+            # catches modules whose forward keeps Python state that stacking would share.
+            self.model.eval()
+            with torch.no_grad():
+                stacked = self.model(x)[0].float()
+                own = copy.deepcopy(models[0]).to(self.device).eval()(x).float()
+            self.model.train()
+        except NotVectorizable:
+            raise
+        except Exception as err:  # vmap's own errors say what it could not batch
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise NotVectorizable(f"{type(err).__name__} in the stacked forward/backward: {first[:300]}") from err
+        if stacked.shape != own.shape or not torch.allclose(stacked, own, rtol=1e-3, atol=1e-4):
+            raise NotVectorizable("the stacked model's output differs from the model's own (a module keeps state outside its tensors?)")
+
+    def _train_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor, bool]]:
+        x, y = self.data.train[0], self.data.train[1]
+        n, size = len(x), self.config.batch_size
+        if self.per_slot_data:
+            orders = torch.stack([torch.randperm(n, generator=s.generator) if self.config.shuffle else torch.arange(n)
+                                  for s in self.slots]).to(self.device)
+            for start in range(0, n, size):
+                index = orders[:, start:start + size]
+                yield x[index], y[index], False
+            return
+        order = torch.randperm(n, generator=self.generator).to(self.device) if self.config.shuffle else None
+        for start in range(0, n, size):
+            if order is None:
+                yield x[start:start + size], y[start:start + size], True
+            else:
+                index = order[start:start + size]
+                yield x[index], y[index], True
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor, shared: bool) -> torch.Tensor:
+        """Each slot's mean loss over the batch, [K]."""
+        k = out.shape[0]
+        targets = y.expand(k, *y.shape) if shared else y
+        if self.kind == "classification":
+            per = F.cross_entropy(out.flatten(0, 1), targets.flatten(0, 1), reduction="none")
+        else:
+            per = F.mse_loss(out.reshape(targets.shape), targets, reduction="none")
+        return per.reshape(k, -1).mean(1)
+
+    def train_epoch(self) -> list[Slot]:
+        """One pass over the training data for every slot, then validation: each slot's `metrics`
+        and `history` grow by one epoch. Returns the slots (`epoch` is the epoch just validated)."""
+        config = self.config
+        model, optimizer = self.model, self.optimizer
+        model.train()
+        loss_sum = torch.zeros(self.size, device=self.device)
+        steps = 0
+        accumulate = config.accumulate_grad_batches
+        batches = list(self._train_batches())
+        for i, (x, y, shared) in enumerate(batches):
+            if self.stop is not None and self.stop():
+                raise Stopped(list(self.slots))
+            with self.autocast():
+                out = model(x, shared=shared)
+            losses = self._loss(out, y, shared)
+            (losses.sum() / accumulate if accumulate > 1 else losses.sum()).backward()
+            if (i + 1) % accumulate == 0 or i + 1 == len(batches):
+                self._clip()
+                optimizer.step()
+                optimizer.zero_grad()
+            loss_sum += losses.detach()
+            steps += 1
+        for slot in self.slots:
+            slot.global_step += -(-steps // accumulate)
+        train_loss = loss_sum / max(steps, 1)
+        per_slot = self.evaluate(train_loss)
+        for slot, metrics in zip(self.slots, per_slot):
+            slot.metrics = metrics
+            slot.history.append(metrics)
+            if not math.isfinite(metrics["train_loss"]):
+                slot.error = NonFiniteLossError(f"training loss is {metrics['train_loss']} at epoch {slot.epoch}")
+        return self.slots
+
+    def _clip(self) -> None:
+        value = self.config.gradient_clip_val
+        if value is None:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.config.gradient_clip_algorithm == "value":
+            for g in grads:
+                g.clamp_(-value, value)
+            return
+        # Per slot: the total norm over that slot's parameters, as clip_grad_norm_ computes it.
+        norms = torch.stack([g.flatten(1).float().pow(2).sum(1) for g in grads]).sum(0).sqrt()
+        coef = (value / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+
+    @torch.no_grad()
+    def evaluate(self, train_loss: torch.Tensor | None = None) -> list[dict[str, float]]:
+        """Each slot's validation metrics, as `trainers.loop.evaluate` computes them for one model."""
+        self.model.eval()
+        x_all, y_all = self.data.val[0], self.data.val[1]
+        sums: list[dict[str, torch.Tensor]] = [{} for _ in self.slots]
+        size = self.config.eval_batch_size
+        for start in range(0, len(x_all), size):
+            x, y = x_all[start:start + size], y_all[start:start + size]
+            with self.autocast():
+                out = self.model(x)
+            for k in range(self.size):
+                if self.kind == "classification":
+                    batch = metrics_mod.classification_sums(out[k], y, self.config.top_k)
+                else:
+                    batch = metrics_mod.regression_sums(out[k], y)
+                metrics_mod.accumulate(sums[k], batch)
+        self.model.train()
+        count = len(x_all)
+        extra = [{} if train_loss is None else {"train_loss": train_loss[k]} for k in range(self.size)]
+        return [metrics_mod.finalize(sums[k], count, extra[k]) for k in range(self.size)]
+
+
+def fit_stacked(
+    models: Sequence[nn.Module],
+    slots: Sequence[Slot],
+    data: Data,
+    config: TrainerConfig,
+    *,
+    kind: str = "classification",
+    per_slot_data: bool = False,
+    seed: int | None = None,
+    refill: Refill | None = None,
+    on_slot_end: Callable[[Slot], None] | None = None,
+    batched: bool | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> StackedTrainer:
+    """Trains the slots until each has run `config.epochs` epochs or stopped; returns the trainer.
+
+    After every validation each slot's callbacks get ``on_validation_end(slot)`` (and
+    ``on_epoch_end``): a callback stops its slot with ``slot.stop(reason)``; one that raises ends
+    that slot only, with `slot.error`. A slot that is done is handed to `on_slot_end`, then
+    `refill(slot)` may give ``(model, hparams, key, seed, callbacks)`` for a new slot in its place
+    (its epochs start at 0); otherwise the group shrinks.
+
+    `stop` is checked before every batch and every slot's end of epoch: when it returns True the
+    run raises `Stopped` with the slots that were still training (e.g. a worker asked to quit
+    hands their trials back between two storage calls, never inside one).
+    """
+    trainer = StackedTrainer(data, config, kind=kind, per_slot_data=per_slot_data, seed=seed, batched=batched)
+    trainer.stop = stop
+    trainer.start(models, slots)
+    for slot in trainer.slots:
+        Dispatch(slot.callbacks)("on_fit_start", slot)
+    while trainer.size:
+        trainer.train_epoch()
+        keep, replacements = [], []
+        for index, slot in enumerate(trainer.slots):
+            if stop is not None and stop():
+                raise Stopped(trainer.slots[index:] + [trainer.slots[i] for i in keep])
+            _validation_end(slot)
+            if slot.epoch + 1 >= config.epochs and not slot.done:
+                slot.stop("finished")
+            if not slot.done:
+                slot.epoch += 1
+                keep.append(index)
+                continue
+            if on_slot_end is not None:
+                on_slot_end(slot)
+            new = refill(slot) if refill is not None else None
+            if new is not None:
+                replacements.append((index, new))
+                keep.append(index)
+        for index, (model, hparams, key, slot_seed, callbacks) in replacements:
+            fresh = Slot(key=key, hparams=hparams, seed=slot_seed, callbacks=list(callbacks))
+            trainer.replace(index, model, fresh)
+            Dispatch(fresh.callbacks)("on_fit_start", fresh)
+        if len(keep) < trainer.size:
+            trainer.keep(keep)
+    return trainer
+
+
+def _validation_end(slot: Slot) -> None:
+    if slot.error is not None:
+        return
+    emit = Dispatch(slot.callbacks)
+    try:
+        emit("on_validation_end", slot)
+        emit("on_epoch_end", slot)
+    except Exception as err:  # one slot's callback (e.g. pruning) ends that slot, not the group
+        slot.error = err  # a BaseException (Ctrl-C, a signal) still ends the whole run
+
+
+def probe_width(
+    make_model: Callable[[], nn.Module],
+    hparams: Mapping[str, Any],
+    data: Data,
+    config: TrainerConfig,
+    *,
+    kind: str = "classification",
+    max_width: int = 64,
+    steps: int = 6,
+    repeats: int = 3,
+) -> tuple[int, dict[int, float]]:
+    """Chooses K by measurement: doubles the width while the time per slot per training step
+    falls, and returns the fastest width with the seconds per slot-step measured at each.
+
+    Each width is timed `repeats` times over `steps` steps and the fastest repeat counts, so a
+    burst of load from another process does not end the growth; growth stops after two widths in
+    a row that do not beat the best by 5 %, on out of memory (backing off to the last width that
+    fit), or when the device's memory is more than 80 % used.
+    """
+    device = resolve_device(config.device)
+    timings: dict[int, float] = {}
+    best, width, misses = 1, 1, 0
+    while width <= max_width:
+        try:
+            trainer = StackedTrainer(data, config, kind=kind)
+            trainer.start([make_model() for _ in range(width)], [Slot(None, dict(hparams)) for _ in range(width)])
+            batches = list(trainer._train_batches())
+            runs = []
+            for _ in range(repeats):
+                for i in range(steps + 1):
+                    if i == 1:  # the first step of each repeat warms up
+                        _sync(device)
+                        started = time.perf_counter()
+                    x, y, shared = batches[i % len(batches)]
+                    trainer._loss(trainer.model(x, shared=shared), y, shared).sum().backward()
+                    trainer.optimizer.step()
+                    trainer.optimizer.zero_grad()
+                _sync(device)
+                runs.append((time.perf_counter() - started) / steps / width)
+            del trainer
+        except torch.OutOfMemoryError:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            break
+        timings[width] = min(runs)
+        if timings[width] < 0.95 * timings[best]:
+            best, misses = width, 0
+        elif width > 1:
+            misses += 1
+        if misses >= 2 or (device.type == "cuda" and _memory_used(device) > 0.8):
+            break
+        width *= 2
+    return best, timings
+
+
+def _memory_used(device: torch.device) -> float:
+    free, total = torch.cuda.mem_get_info(device)
+    return max(torch.cuda.max_memory_reserved(device) / total, 1 - free / total)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = [
+    "NotVectorizable",
+    "Stopped",
+    "Slot",
+    "StackedModel",
+    "StackedOptimizer",
+    "StackedTrainer",
+    "check_hparams",
+    "check_model",
+    "check_settings",
+    "fit_stacked",
+    "probe_width",
+    "signature",
+]
