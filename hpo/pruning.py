@@ -5,7 +5,7 @@ Optuna's median and percentile pruners read every trial of the study at each
 it runs once per epoch of every trial on every worker. The history they compare against
 (finished trials' intermediate values) changes only when another trial finishes, so hpo
 reads it at a trial's first report and again only when the snapshot is older than
-`max_age_s`. A worker running trials one after another sees every trial it finished; what
+`max_age_s`; the trials of a population worker's group share one snapshot. A worker running trials one after another sees every trial it finished; what
 it can miss is another worker's trial finished less than `max_age_s` ago, as if that trial
 had finished a moment later.
 """
@@ -32,13 +32,19 @@ class SnapshotPruner(optuna.pruners.BasePruner):
         self.pruner, self.max_age_s = pruner, max_age_s
         self._trials: list[FrozenTrial] = []
         self._taken = -float("inf")
-        self._for_trial: int | None = None
+        # Trials that have asked before: a trial's first ask reads afresh (it then sees the trials
+        # this worker finished just before it); later asks, of it or of the other trials a
+        # population worker trains beside it, share the snapshot until it is too old.
+        self._seen: dict[int, None] = {}
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         now = time.monotonic()
-        if trial._trial_id != self._for_trial or now - self._taken > self.max_age_s:
+        if trial._trial_id not in self._seen or now - self._taken > self.max_age_s:
             self._trials = study.get_trials(deepcopy=False)
-            self._taken, self._for_trial = now, trial._trial_id
+            self._taken = now
+        self._seen[trial._trial_id] = None
+        if len(self._seen) > 4096:
+            del self._seen[next(iter(self._seen))]
         return self.pruner.prune(_Snapshot(study, self._trials), trial)
 
 

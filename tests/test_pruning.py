@@ -63,3 +63,18 @@ def test_only_pruners_that_read_the_whole_study_are_wrapped() -> None:
     assert isinstance(pruning.with_snapshot(optuna.pruners.PercentilePruner(25.0)), pruning.SnapshotPruner)
     hyperband = optuna.pruners.HyperbandPruner()
     assert pruning.with_snapshot(hyperband) is hyperband
+
+
+def test_trials_trained_side_by_side_share_one_snapshot() -> None:
+    storage = CountingStorage()
+    study = optuna.create_study(storage=storage)
+    _history(study)
+    pruner = pruning.SnapshotPruner(optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=0))
+    group = [study.ask() for _ in range(4)]
+    before = storage.reads
+    for step in range(3):
+        for trial in group:
+            trial.report(float(step), step)
+            pruner.prune(study, storage.get_trial(trial._trial_id))
+    # A read at each trial's first report, none after: 4 reads for 12 decisions.
+    assert storage.reads - before == 4
