@@ -97,7 +97,8 @@ def trial_seed(config: Config, number: int) -> int | None:
     return None if base is None else base + number
 
 
-def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int | None = None) -> list[float]:
+def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int | None = None,
+              callbacks: tuple[Any, ...] = ()) -> list[float]:
     """Trains one trial; returns the objective values. Raises `optuna.TrialPruned` when pruned."""
     params = space_mod.suggest(trial, config.space)
     seed = trial_seed(config, trial.number)
@@ -116,12 +117,12 @@ def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int |
     data = task.data(params)
     model = task.model(params, data)
     patience = config.study.storage_patience
-    callbacks = [PruningCallback(trial, config.study.metrics[0], patience)] if len(config.study.metrics) == 1 else []
+    pruning = [PruningCallback(trial, config.study.metrics[0], patience)] if len(config.study.metrics) == 1 else []
     state = trainers.fit(
         model,
         data,
         trainer_config,
-        callbacks,
+        [*callbacks, *pruning],
         hparams=params,
         kind=config.task.kind,
         train_step=task.train_step,

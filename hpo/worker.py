@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import traceback
 import zlib
 from collections.abc import Callable
@@ -27,7 +28,42 @@ from hpo.outage import persist
 
 
 class Interrupted(BaseException):
-    """Raised in the worker's main thread on SIGTERM (a scheduler's pre-emption)."""
+    """Stops the trial in the worker's main thread: SIGTERM (a scheduler's pre-emption) or SIGINT."""
+
+    def __init__(self, signal_name: str = "SIGTERM") -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class Signals:
+    """SIGINT and SIGTERM, noted when they come and acted on at the next safe point: between
+    batches (as a trainers callback) or between storage calls. An exception raised inside a
+    storage call can leave it half done (a journal file's lock held, a write cut short). A second
+    Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+    def install(self) -> dict | None:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        return {sig: signal.signal(sig, self._note) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _note(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.name == "SIGINT":
+            raise KeyboardInterrupt
+        self.name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+
+    def on_batch_end(self, state: trainers.State) -> None:
+        if self.name is not None:
+            raise Interrupted(self.name)
+
+    on_epoch_start = on_batch_end
+
+
+def _restore(previous: dict | None) -> None:
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler)
 
 
 @dataclass
@@ -91,36 +127,46 @@ def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary
 
         population.run(study, config, task, threads, seed, beat, summary, on_trial)
         return
-    while True:
-        asked, _ = persist(partial(coordinator.ask, study, config), "asking for a trial", patience)
-        if not asked:
-            break
-        trial = asked[0]
-        persist(partial(trial.set_user_attr, "hpo:worker", summary.worker), "starting a trial", patience)
-        beat.running(trial)
-        seeds = {"sampler": seed, "trial": objective.trial_seed(config, trial.number)}
-        persist(partial(trial.set_user_attr, "hpo:seeds", seeds), "starting a trial", patience)
-        state = _run_one(study, trial, config, task, threads, summary)
-        beat.running(None)
-        summary.states[state.name] = summary.states.get(state.name, 0) + 1
-        if on_trial is not None:
-            on_trial(persist(partial(storage.get_trial, trial._trial_id), "reading a trial", patience), config)
-        if summary.interrupted:
-            break
+    signals = Signals()
+    previous = signals.install()
+    try:
+        while signals.name is None:
+            asked, _ = persist(partial(coordinator.ask, study, config), "asking for a trial", patience)
+            if not asked:
+                break
+            trial = asked[0]
+            persist(partial(trial.set_user_attr, "hpo:worker", summary.worker), "starting a trial", patience)
+            beat.running(trial)
+            seeds = {"sampler": seed, "trial": objective.trial_seed(config, trial.number)}
+            persist(partial(trial.set_user_attr, "hpo:seeds", seeds), "starting a trial", patience)
+            state = _run_one(study, trial, config, task, threads, summary, signals)
+            beat.running(None)
+            summary.states[state.name] = summary.states.get(state.name, 0) + 1
+            if on_trial is not None:
+                on_trial(persist(partial(storage.get_trial, trial._trial_id), "reading a trial", patience), config)
+            if summary.interrupted:
+                break
+        # A signal that came while no trial trained (asking, telling): the worker just stops.
+        summary.interrupted = summary.interrupted or signals.name
+    finally:
+        _restore(previous)
 
 
-def _run_one(study: optuna.Study, trial: optuna.Trial, config, task, threads, summary: Summary) -> TrialState:
+def _run_one(study: optuna.Study, trial: optuna.Trial, config, task, threads, summary: Summary,
+             signals: Signals | None = None) -> TrialState:
     patience = config.study.storage_patience
     values = None
     attrs: dict[str, str] = {}
     try:
-        values = objective.run_trial(trial, config, task, threads=threads)
+        # A signal that comes during the last epoch's report lets the finished trial be told; the
+        # worker stops after it.
+        values = objective.run_trial(trial, config, task, threads=threads, callbacks=(signals,) if signals else ())
         state = TrialState.COMPLETE
     except optuna.TrialPruned as pruned:
         attrs["hpo:pruned"] = str(pruned)
         state = TrialState.PRUNED
     except (KeyboardInterrupt, Interrupted) as stop:
-        summary.interrupted = "SIGINT" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+        summary.interrupted = "SIGINT" if isinstance(stop, KeyboardInterrupt) else stop.signal_name
         persist(lambda: hand_back(study, trial, summary.interrupted), "handing back a trial", patience)
         return TrialState.FAIL
     except trainers.OutOfMemoryError as err:
@@ -178,6 +224,6 @@ def _raise_on_sigterm():
         return None
 
     def handler(signum, frame):
-        raise Interrupted()
+        raise Interrupted("SIGTERM")
 
     return signal.signal(signal.SIGTERM, handler)

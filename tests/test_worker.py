@@ -246,3 +246,23 @@ def test_openmp_threads_sleep_when_idle_unless_the_user_chose(preset: str | None
     out = subprocess.run([sys.executable, "-c", "import hpo, os; print(os.environ['OMP_WAIT_POLICY'])"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_signals_wait_for_a_safe_point_and_a_second_ctrl_c_stops_at_once() -> None:
+    signals = worker.Signals()
+    previous = signals.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # noted, not raised: a storage call may be in flight
+        assert signals.name == "SIGTERM"
+        with pytest.raises(worker.Interrupted) as stopped:
+            signals.on_batch_end(None)  # the next batch boundary acts on it
+        assert stopped.value.signal_name == "SIGTERM"
+        signals.name = None
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode boundary
+    finally:
+        for sig, handler in (previous or {}).items():
+            signal.signal(sig, handler)
