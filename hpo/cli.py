@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("file", help="the study file (YAML)")
     run.add_argument("--storage", help=storage_help)
     run.add_argument("--jobs", "-j", type=_positive, default=1, help="local worker processes (default 1)")
-    run.add_argument("--threads", type=_positive, help="torch CPU threads per worker (default: cores / jobs)")
+    run.add_argument("--threads", type=_positive, help="torch CPU threads per worker (default: trainer.threads, else 1)")
     _on_exists(run)
 
     create = command("create", _create, "create a study in shared storage, with its config, for workers to join")
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--study", required=True, help="study name")
     worker.add_argument("--storage", help=storage_help)
     worker.add_argument("--worker-index", type=int, help="this worker's number; its sampler seed is the study seed + this (default: from host and pid)")
-    worker.add_argument("--threads", type=_positive, help="torch CPU threads per worker (default: torch's choice, or cores / jobs)")
+    worker.add_argument("--threads", type=_positive, help="torch CPU threads per worker (default: trainer.threads, else 1)")
     slots = worker.add_mutually_exclusive_group()
     slots.add_argument("--jobs", "-j", type=_positive, help="run J CPU worker processes under one supervisor")
     slots.add_argument("--gpus", help="one worker per GPU: 0,1,2 or all (each pinned with CUDA_VISIBLE_DEVICES)")
@@ -169,7 +169,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hpo import coordinator
+    from hpo import coordinator, objective
     from hpo.config import load_config
     from hpo.progress import StudyProgress
     from hpo.report import status_text
@@ -183,11 +183,11 @@ def _run(args: argparse.Namespace) -> int:
     storage = open_storage(url)
     created = coordinator.create(config, storage, on_exists=_on_exists_mode(args), source=os.path.abspath(args.file))
     study = created.study
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads
     s = config.study
     budget = f"{s.n_trials} trials" if s.n_trials else f"{s.timeout:g}s"
     print(f"{'resuming' if created.resumed else 'running'} study {s.name} on {redact(url)}: {budget}, "
-          f"{s.sampler} sampler, {s.pruner} pruner, {args.jobs} worker(s) x {threads} thread(s)")
+          f"{s.sampler} sampler, {s.pruner} pruner, {args.jobs} worker(s) x {objective.threads_for(config, threads)} thread(s)")
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     children = [
@@ -229,7 +229,7 @@ def _worker(args: argparse.Namespace) -> int:
         from hpo import supervisor
 
         slots = supervisor.slots(args.gpus, args.per_gpu, args.jobs)
-        threads = args.threads or (None if args.gpus else max(1, (os.cpu_count() or 1) // len(slots)))
+        threads = args.threads
         print(f"supervising {len(slots)} workers on study {args.study} ({redact(url)})", flush=True)
         return supervisor.supervise(args.study, url, slots, first_index=args.worker_index or 0, threads=threads)
     print(f"worker joining study {args.study} on {redact(url)}", flush=True)

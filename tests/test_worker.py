@@ -238,15 +238,6 @@ def test_task_code_is_found_beside_the_study_file_from_any_working_directory(tmp
     assert textwrap.dedent("study outside: 2/2 trials") in result.stdout
 
 
-@pytest.mark.parametrize(("preset", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_threads_sleep_when_idle_unless_the_user_chose(preset: str | None, expected: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if preset:
-        env["OMP_WAIT_POLICY"] = preset
-    out = subprocess.run([sys.executable, "-c", "import hpo, os; print(os.environ['OMP_WAIT_POLICY'])"],
-                         env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == expected
-
 
 def test_signals_wait_for_a_safe_point_and_a_second_ctrl_c_stops_at_once() -> None:
     signals = worker.Signals()
