@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -48,6 +49,7 @@ def kill_one_worker_mid_trial(tmp_path: Path, url: str, name: str) -> None:
     lost = running_trial_of(study, victim.pid, checkpoints)
     assert lost is not None, "the victim never started a trial"
     os.kill(victim.pid, signal.SIGKILL)
+    killed_at = datetime.datetime.now()  # Optuna stamps trials with naive local time
     victim.wait()
     out, err = survivor.communicate(timeout=180)
     assert survivor.returncode == 0, err
@@ -67,6 +69,14 @@ def kill_one_worker_mid_trial(tmp_path: Path, url: str, name: str) -> None:
     # Exact resume: epochs redone after the checkpoint give the values the lost trial reported.
     for step, value in study.get_trials()[lost.number].intermediate_values.items():
         assert retries[0].intermediate_values[step] == value
+    # At most the epoch after the last checkpoint is redone (checkpoints come every epoch).
+    assert len(trials[lost.number].intermediate_values) - retries[0].user_attrs["hpo:resumed_at_epoch"] <= 1
+    # Detected within interval + grace (the sweeper runs every interval on a live worker's
+    # heartbeat thread); a few seconds more for a loaded machine's scheduling.
+    detected = (trials[lost.number].datetime_complete - killed_at).total_seconds()
+    limit = LIVENESS["heartbeat_interval"] + LIVENESS["grace_period"]
+    print(f"lost trial detected {detected:.1f} s after the kill (interval + grace = {limit} s)")
+    assert detected <= limit + 5
 
 
 def test_killed_worker_trial_is_detected_and_retried_on_a_journal_file(tmp_path: Path) -> None:
