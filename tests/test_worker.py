@@ -257,3 +257,17 @@ def test_signals_wait_for_a_safe_point_and_a_second_ctrl_c_stops_at_once() -> No
     finally:
         for sig, handler in (previous or {}).items():
             signal.signal(sig, handler)
+
+
+def test_status_lists_every_trial_a_population_worker_holds(tmp_path: Path) -> None:
+    from hpo import heartbeat
+    from hpo.report import status_text
+
+    path = write_study(tmp_path, "held", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}})
+    study = created(path, str(tmp_path / "h.journal"))
+    config = load_config(str(path))
+    beat = heartbeat.Heartbeat(study, "w0", 30, 120, 2)
+    beat.running([study.ask(), study.ask()])
+    assert "w0: running #0, #1, heartbeat" in status_text(study, config)
+    beat.running(study.ask())
+    assert "w0: running #2, heartbeat" in status_text(study, config)
