@@ -75,7 +75,7 @@ class Population:
         self.patience = config.study.storage_patience
         self.vectorize = config.study.vectorize
         self.width: int | None = self.vectorize.width if self.vectorize.width != "auto" else None
-        self.trainer_config = dataclasses.replace(config.trainer, threads=threads or config.trainer.threads)
+        self.trainer_config = dataclasses.replace(config.trainer, threads=objective.threads_for(config, threads))
         self.pool: list[Member] = []  # asked, not yet training
         self.active: list[Member] = []  # training in the current group
         self.budget_spent = False
