@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import signal
 import sys
-import threading
 import traceback
 from dataclasses import dataclass
 from functools import partial
@@ -45,7 +43,7 @@ from hpo import coordinator, heartbeat, objective
 from hpo import space as space_mod
 from hpo.config import Config
 from hpo.outage import persist
-from hpo.worker import Interrupted, Summary, finish, hand_back
+from hpo.worker import Interrupted, Signals, Summary, finish, hand_back, restore_signals
 from trainers import vectorized
 from trainers.vectorized import NotVectorizable, Slot
 
@@ -79,7 +77,7 @@ class Population:
         self.pool: list[Member] = []  # asked, not yet training
         self.active: list[Member] = []  # training in the current group
         self.budget_spent = False
-        self.signal: str | None = None  # SIGINT or SIGTERM, received while a group trains
+        self.signals = Signals()  # SIGINT or SIGTERM, noted while a group trains
         self.warned: set[str] = set()
         self.solo_reason = self._global_reason()
         if self.solo_reason:
@@ -167,18 +165,18 @@ class Population:
         # While a group trains, the main thread is mostly inside storage calls (a report and a
         # pruning check per slot per epoch): a signal is noted here and acted on between calls,
         # so that no storage lock or half-written record is left behind.
-        previous = _defer_signals(self)
+        previous = self.signals.install()
         fallback: list[Member] = []
         try:
             vectorized.fit_stacked(
                 [m.model for m in group], slots, data, self.trainer_config, kind=self.config.task.kind,
                 per_slot_data=self.vectorize.data == "per_slot", seed=group[0].seed,
-                refill=self._refill, on_slot_end=self._end, stop=lambda: self.signal is not None,
+                refill=self._refill, on_slot_end=self._end, stop=lambda: self.signals.name is not None,
             )
-            if self.signal is not None:  # came during the last tell
+            if self.signals.name is not None:  # came during the last tell
                 raise vectorized.Stopped([])
         except vectorized.Stopped:
-            self.summary.interrupted = self.signal
+            self.summary.interrupted = self.signals.name
             for member in self.active:
                 self._hand_back(member)
             self.active = []
@@ -198,9 +196,9 @@ class Population:
                 self._told(member, finish(self.study, member.trial, TrialState.FAIL, None, attrs, self.patience))
             self.active = []
         finally:
-            _restore_signals(previous)
-        if self.signal and not self.summary.interrupted:  # noted while the group failed or fell back
-            self.summary.interrupted = self.signal
+            restore_signals(previous)
+        if self.signals.name and not self.summary.interrupted:  # noted while the group failed or fell back
+            self.summary.interrupted = self.signals.name
             for member in fallback:
                 self._hand_back(member)
         elif fallback:
@@ -215,7 +213,7 @@ class Population:
     def _refill(self, slot: Slot):
         """A trial for the freed slot: a waiting one of the group's architecture, else one new
         trial from the sampler; None (the group shrinks) when neither fits."""
-        if self.summary.interrupted or self.signal:
+        if self.summary.interrupted or self.signals.name:
             return None
         match = next((m for m in self.pool if m.signature == self.group_signature), None)
         if match is None and len(self.pool) < self.holding - len(self.active):
@@ -341,18 +339,3 @@ class Population:
         self.warned.add(reason)
         print(f"hpo: warning: vectorize: {reason}; running trials one at a time", file=sys.stderr, flush=True)
 
-
-def _defer_signals(population: Population) -> dict | None:
-    """SIGINT and SIGTERM only note themselves on `population.signal` (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def note(signum, frame):
-        population.signal = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
-
-    return {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _restore_signals(previous: dict | None) -> None:
-    for sig, handler in (previous or {}).items():
-        signal.signal(sig, handler)

@@ -61,7 +61,7 @@ class Signals:
     on_epoch_start = on_batch_end
 
 
-def _restore(previous: dict | None) -> None:
+def restore_signals(previous: dict | None) -> None:
     for sig, handler in (previous or {}).items():
         signal.signal(sig, handler)
 
@@ -149,7 +149,7 @@ def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary
         # A signal that came while no trial trained (asking, telling): the worker just stops.
         summary.interrupted = summary.interrupted or signals.name
     finally:
-        _restore(previous)
+        restore_signals(previous)
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, config, task, threads, summary: Summary,
