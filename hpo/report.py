@@ -71,7 +71,7 @@ def worker_rows(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[dict
     now = time.time()
     for worker, beat in heartbeat.workers(study).items():
         rows[worker] = {"worker": worker, "host": beat["host"], "pid": beat["pid"], "device": beat.get("device"),
-                        "running": beat["trial"], "running_all": beat.get("trials", []), "alive": beat.get("alive", True), "beat_age": round(now - beat["beat"], 1),
+                        "running": beat["trial"], "running_all": beat.get("trials") or [n for n in [beat["trial"]] if n is not None], "alive": beat.get("alive", True), "beat_age": round(now - beat["beat"], 1),
                         "COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
     for t in trials:
         row = rows.get(t.user_attrs.get("hpo:worker", ""))
@@ -115,8 +115,7 @@ def status_text(study: optuna.Study, config: Config) -> str:
             elif r["beat_age"] > config.study.grace_period:
                 doing = "lost (no heartbeat)"
             else:
-                held = r["running_all"] or ([r["running"]] if r["running"] is not None else [])
-                doing = "running " + ", ".join(f"#{n}" for n in held) if held else "idle"
+                doing = "running " + ", ".join(f"#{n}" for n in r["running_all"]) if r["running_all"] else "idle"
             device = f" on device {r['device']}" if r["device"] else ""
             lines.append(f"  {r['worker']}{device}: {doing}, heartbeat {r['beat_age']:.0f}s ago; "
                          f"complete {r['COMPLETE']}, pruned {r['PRUNED']}, failed {r['FAIL']}")
