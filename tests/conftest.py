@@ -183,6 +183,12 @@ def hpo(*args: str, cwd: Path | str | None = None, timeout: float = 300, env: di
     )
 
 
+# A study for several workers at once: enough work (about 8 s for one worker) that a worker which
+# starts first, while the others are still importing torch, cannot finish it alone; no pruner, so
+# no trial ends early.
+SHARED_STUDY = {"study": {"n_trials": 9, "pruner": "none"}, "trainer": {"epochs": 30}}
+
+
 def study_file(tmp_path: Path, name: str, **changes) -> Path:
     """A copy of the shipped digits study with a new name and the given `study`/`trainer` changes."""
     raw = yaml.safe_load(DIGITS_YAML.read_text())

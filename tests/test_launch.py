@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import optuna
 import pytest
 import yaml
-from conftest import ROOT, _free_port, _missing, _wait_port, hpo, study_file
+from conftest import ROOT, SHARED_STUDY, _free_port, _missing, _wait_port, hpo, study_file
 from netns import Host, Relay, in_ns, namespaces, shared_address, url_at
 from optuna.trial import TrialState
 
@@ -28,9 +28,6 @@ from hpo.storage import open_storage
 LAUNCH = ROOT / "scripts" / "launch"
 SSH_WORKERS = LAUNCH / "ssh_workers.sh"
 STRIDE = 100  # ssh_workers.sh's default --index-stride: host k's workers are numbered from k*100
-# Enough work (about 8 s for one worker) that a worker which starts first, while the others are
-# still importing torch, cannot finish the study alone; no pruner, so no trial ends early.
-FAST = {"study": {"n_trials": 9, "pruner": "none"}, "trainer": {"epochs": 30}}
 
 
 def test_kubernetes_job_manifest() -> None:
@@ -204,7 +201,7 @@ def test_ssh_launcher_runs_and_stops_workers_on_three_hosts(
     hosts, env = ssh_hosts
     parts = urlsplit(redis_url)
     done_study, stop_study = "launch-ssh", "launch-ssh-stop"
-    for name, changes in ((done_study, FAST), (stop_study, {**FAST, "study": {**FAST["study"], "n_trials": 500}})):
+    for name, changes in ((done_study, SHARED_STUDY), (stop_study, {**SHARED_STUDY, "study": {**SHARED_STUDY["study"], "n_trials": 500}})):
         assert hpo("create", str(study_file(tmp_path, name, **changes)), "--storage", redis_url, cwd=tmp_path).returncode == 0
     # One server address for all hosts, as on a cluster network; 127.0.0.1 is not reachable from them.
     relay = Relay(shared_address(hosts), (parts.hostname, parts.port))

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import optuna
 import pytest
-from conftest import hpo, study_file
+from conftest import SHARED_STUDY, hpo, study_file
 from netns import Host, Relay, namespaces, url_at
 from optuna.trial import TrialState
 
@@ -22,9 +22,6 @@ from hpo.storage import open_storage
 pytestmark = pytest.mark.e2e
 
 N_HOSTS = 3
-# Enough work (about 8 s for one worker) that a worker which starts first, while the others are
-# still importing torch, cannot finish the study alone; no pruner, so no trial ends early.
-FAST = {"study": {"n_trials": 9, "pruner": "none"}, "trainer": {"epochs": 30}}
 
 
 @pytest.fixture
@@ -39,7 +36,7 @@ def test_workers_on_three_hosts_share_one_study(tmp_path: Path, hosts: list[Host
     url = request.getfixturevalue(f"{server}_url")
     parts = urlsplit(url)
     name = f"hosts-{server}"
-    assert hpo("create", str(study_file(tmp_path, name, **FAST)), "--storage", url, cwd=tmp_path).returncode == 0
+    assert hpo("create", str(study_file(tmp_path, name, **SHARED_STUDY)), "--storage", url, cwd=tmp_path).returncode == 0
 
     relays = [Relay(host.address, (parts.hostname, parts.port)) for host in hosts]
     try:
