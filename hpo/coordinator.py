@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo import heartbeat
 from hpo.config import Config, ConfigError, config_from_dict
-from hpo.storage import open_storage, redact, resolve_url, study_lock
+from hpo.storage import open_storage, redact, refresh, resolve_url, study_lock
 
 CONFIG_ATTR = "hpo:config"
 SOURCE_ATTR = "hpo:source"
@@ -134,14 +134,17 @@ def budget_left(config: Config, trials: list[FrozenTrial], now: datetime.datetim
     return True
 
 
-def ask(study: optuna.Study, config: Config, n: int = 1) -> tuple[list[optuna.Trial], list[FrozenTrial]]:
+def ask(study: optuna.Study, config: Config, n: int = 1,
+        user_attrs: dict[str, Any] | None = None) -> tuple[list[optuna.Trial], list[FrozenTrial]]:
     """Up to `n` new trials, as many as the budget has room for, and the trials read before.
 
     Reading the study and asking happen under the study's lock (`storage.study_lock`), so
-    workers racing for the last trials never create one past the budget.
+    workers racing for the last trials never create one past the budget. `user_attrs` go on
+    each trial as it is made (one storage write for the row and all of them).
     """
     storage = study._storage
     with study_lock(storage, study.study_name):
+        refresh(storage)
         trials = study.get_trials(deepcopy=False)
         if not budget_left(config, trials):
             return [], trials
@@ -150,22 +153,29 @@ def ask(study: optuna.Study, config: Config, n: int = 1) -> tuple[list[optuna.Tr
         # Only the trial's row is made under the lock; `study.ask` would also read the queue and
         # the new trial, and every other worker waits for the lock meanwhile.
         waiting = [t._trial_id for t in trials if t.state == TrialState.WAITING]
-        ids = [_start(storage, study._study_id, waiting) for _ in range(n)]
+        ids = [_start(storage, study._study_id, waiting, user_attrs or {}) for _ in range(n)]
     # As `study.ask` does: the sampler's per-trial cache of the study must not outlive a trial.
     study._thread_local.cached_all_trials = None
     return [optuna.Trial(study, trial_id) for trial_id in ids], trials
 
 
-def _start(storage: BaseStorage, study_id: int, waiting: list[int]) -> int:
+def _start(storage: BaseStorage, study_id: int, waiting: list[int], user_attrs: dict[str, Any]) -> int:
     """A queued trial (baseline, retry) set RUNNING, else a new one; under the study's lock."""
     while waiting:
         trial_id = waiting.pop(0)
         try:
             if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                for key, value in user_attrs.items():
+                    storage.set_trial_user_attr(trial_id, key, value)
                 return trial_id
         except UpdateFinishedTrialError:
             pass  # finished meanwhile by whoever else holds it (a sweeper failing it)
-    return storage.create_new_trial(study_id)
+    if not user_attrs:
+        return storage.create_new_trial(study_id)
+    template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(),
+                           datetime_complete=None, params={}, distributions={}, user_attrs=user_attrs,
+                           system_attrs={}, intermediate_values={}, trial_id=-1)
+    return storage.create_new_trial(study_id, template_trial=template)
 
 
 def _find(storage: BaseStorage, name: str) -> int | None:

@@ -55,15 +55,19 @@ class Heartbeat:
         self.beat(alive=False)
 
     def running(self, trial: optuna.Trial | list[optuna.Trial] | None) -> None:
-        """Marks the trial(s) this worker now runs (None or []: idle) and beats for them at once.
+        """Marks the trial(s) this worker now runs (None or []: idle).
 
-        A worker in population mode runs several trials at once: it passes all of them.
+        A worker in population mode runs several trials at once: it passes all of them. Optuna's
+        heartbeat (RDB) starts for them at once: a trial without one is never found stale. The
+        journal heartbeat is the worker's, already beating; the trials carry ``hpo:worker``.
         """
         trials = [] if trial is None else list(trial) if isinstance(trial, (list, tuple)) else [trial]
         self.trial_ids = [t._trial_id for t in trials]
         self.trial_numbers = [t.number for t in trials]
-        if trials:
-            self.beat()
+        storage = self.study._storage
+        if uses_optuna_heartbeat(storage):
+            for trial_id in self.trial_ids:
+                storage.record_heartbeat(trial_id)
 
     def beat(self, alive: bool = True) -> None:
         storage = self.study._storage

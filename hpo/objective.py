@@ -16,6 +16,7 @@ import optuna
 import torch
 
 import trainers
+import trainers.writer
 from hpo import outage
 from hpo import space as space_mod
 from hpo import task as task_mod
@@ -67,6 +68,9 @@ def prepare(config: Config) -> Task:
     if not task.data_takes_params:
         with contextlib.suppress(Exception):  # a failing factory fails the first trial, recorded there
             task.data({})
+    if config.trainer.checkpoint_dir:
+        # The checkpoint writer process imports torch (about a second) while the worker starts.
+        trainers.writer.start()
     return task
 
 
@@ -115,7 +119,8 @@ def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int |
     seed = trial_seed(config, trial.number)
     if seed is not None:
         torch.manual_seed(seed)
-    attrs = trial.user_attrs  # one storage read
+    # As the trial was when asked for: a retry's settings come with it (no storage read).
+    attrs = trial._cached_frozen_trial.user_attrs
     # A retry after running out of memory carries a smaller batch size.
     batch_size = attrs.get("hpo:batch_size", config.trainer.batch_size)
     trainer_config = dataclasses.replace(config.trainer, seed=seed, threads=threads_for(config, threads), batch_size=batch_size)

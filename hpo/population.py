@@ -112,7 +112,8 @@ class Population:
     def _ask(self, n: int) -> list[Member]:
         if n <= 0 or self.budget_spent:
             return []
-        asked, _ = persist(partial(coordinator.ask, self.study, self.config, n), "asking for trials", self.patience)
+        asked, _ = persist(partial(coordinator.ask, self.study, self.config, n, {"hpo:worker": self.summary.worker}),
+                           "asking for trials", self.patience)
         if len(asked) < n:
             self.budget_spent = True
         members = [self._member(trial) for trial in asked]
@@ -122,12 +123,11 @@ class Population:
 
     def _member(self, trial: optuna.Trial) -> Member:
         patience = self.patience
-        persist(partial(trial.set_user_attr, "hpo:worker", self.summary.worker), "starting a trial", patience)
         seed = objective.trial_seed(self.config, trial.number)
         persist(partial(trial.set_user_attr, "hpo:seeds", {"sampler": self.sampler_seed, "trial": seed}), "starting a trial", patience)
         params = space_mod.suggest(trial, self.config.space)
         member = Member(trial, params, seed)
-        if self.solo_reason or "hpo:batch_size" in trial.user_attrs or "hpo:resume_from" in trial.user_attrs:
+        if self.solo_reason or {"hpo:batch_size", "hpo:resume_from"} & trial._cached_frozen_trial.user_attrs.keys():
             return member  # out-of-memory and crash retries carry per-trial settings: alone
         try:
             vectorized.check_hparams(params, self.config.trainer)

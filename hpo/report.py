@@ -66,17 +66,24 @@ def best_yaml(study: optuna.Study, config: Config) -> str:
 
 
 def worker_rows(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
-    """Per worker: its last heartbeat (host, pid, device, trial), and its trial counts by state."""
+    """Per worker: its last heartbeat (host, pid, device), the trials it runs, and its trial
+    counts by state."""
     rows: dict[str, dict[str, Any]] = {}
     now = time.time()
     for worker, beat in heartbeat.workers(study).items():
         rows[worker] = {"worker": worker, "host": beat["host"], "pid": beat["pid"], "device": beat.get("device"),
-                        "running": beat["trial"], "running_all": beat.get("trials") or [n for n in [beat["trial"]] if n is not None], "alive": beat.get("alive", True), "beat_age": round(now - beat["beat"], 1),
+                        "running_all": [], "alive": beat.get("alive", True), "beat_age": round(now - beat["beat"], 1),
                         "COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
     for t in trials:
         row = rows.get(t.user_attrs.get("hpo:worker", ""))
-        if row is not None and t.state.name in row:
+        if row is None:
+            continue
+        if t.state.name in row:
             row[t.state.name] += 1
+        elif t.state == TrialState.RUNNING:
+            row["running_all"].append(t.number)
+    for row in rows.values():
+        row["running"] = row["running_all"][0] if row["running_all"] else None
     return sorted(rows.values(), key=lambda r: r["worker"])
 
 

@@ -34,10 +34,16 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages.journal import JournalFileBackend
 
+from hpo.redis_journal import RedisJournalBackend
+
 DEFAULT_URL = "hpo.journal"
 ENV_VAR = "HPO_STORAGE"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _RDB_SCHEMES = ("postgresql", "postgres", "mysql", "mariadb", "sqlite")
+# How old a Redis journal reply may be and still serve a read (the Optuna sampler's and pruner's
+# reads of the study): other workers' writes of the last 50 ms are missed, as they would be by a
+# read that came 50 ms earlier. A worker's own writes and the trial budget always read fresh.
+REDIS_MAX_STALENESS = 0.05
 _SECRETS: set[str] = set()
 
 
@@ -83,6 +89,14 @@ def open_storage(url: str | None = None, *, heartbeat: Heartbeat | None = None) 
 # others for at most this long; holders keep it for one read and one ask (milliseconds).
 LOCK_TTL_S = 30
 _LOCAL_LOCK = threading.Lock()
+
+
+def refresh(storage: BaseStorage) -> None:
+    """Makes the next read of `storage` see every write so far: hpo's Redis journal otherwise
+    serves a read from its last reply when that is under `REDIS_MAX_STALENESS` old."""
+    backend = getattr(storage, "_backend", None)
+    if isinstance(backend, RedisJournalBackend):
+        backend.refresh()
 
 
 @contextlib.contextmanager
@@ -184,8 +198,6 @@ def _journal_file(path: str) -> BaseStorage:
 def _redis(url: str) -> BaseStorage:
     import redis
 
-    from hpo.redis_journal import RedisJournalBackend
-
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     prefix = query.pop("prefix", "")
@@ -202,7 +214,7 @@ def _redis(url: str) -> BaseStorage:
     except ValueError as err:
         raise StorageError(f"bad Redis URL {redact(url)} ({_reason(err)})") from None
     client.close()
-    return JournalStorage(RedisJournalBackend(clean, prefix=prefix))
+    return JournalStorage(RedisJournalBackend(clean, prefix=prefix, max_staleness=REDIS_MAX_STALENESS))
 
 
 def _rdb(url: str, scheme: str, heartbeat: Heartbeat | None) -> BaseStorage:

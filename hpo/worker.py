@@ -131,11 +131,11 @@ def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary
     previous = signals.install()
     try:
         while signals.name is None:
-            asked, _ = persist(partial(coordinator.ask, study, config), "asking for a trial", patience)
+            asked, _ = persist(partial(coordinator.ask, study, config, user_attrs={"hpo:worker": summary.worker}),
+                               "asking for a trial", patience)
             if not asked:
                 break
             trial = asked[0]
-            persist(partial(trial.set_user_attr, "hpo:worker", summary.worker), "starting a trial", patience)
             beat.running(trial)
             seeds = {"sampler": seed, "trial": objective.trial_seed(config, trial.number)}
             persist(partial(trial.set_user_attr, "hpo:seeds", seeds), "starting a trial", patience)

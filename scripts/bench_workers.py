@@ -3,9 +3,10 @@
 Each trial's work is a sleep of 50 ms spread over 5 reported steps (10 ms each), so the
 ideal wall time is the total sleep of all trials divided by the number of workers, and
 efficiency = ideal / wall: 1.0 means the storage, the sampler (TPE, constant liar) and
-the pruner (median) cost nothing. Each worker is a process; all of them import and
-connect first, then start together, and the wall time runs from the start to the last
-worker's end. Plain Optuna uses its own storage classes (JournalRedisBackend, RDBStorage
+the pruner (median) cost nothing. Each worker is a process; all of them import first,
+then start together, open the study and run; the wall time runs from the start to the last
+worker's end. Each side's study is new, under its own Redis key prefix (a journal shared with
+earlier studies would make every worker replay them). Plain Optuna uses its own storage classes (JournalRedisBackend, RDBStorage
 without heartbeat, JournalFileBackend) and `study.optimize` with the same sampler and pruner;
 hpo uses `hpo.worker.run_worker` with its storage, budget lock, heartbeat and bookkeeping.
 
@@ -81,7 +82,8 @@ def plain_storage(label: str, url: str):
     from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
     if label == "redis":
-        return JournalStorage(JournalRedisBackend(url))
+        base, _, prefix = url.partition("?prefix=")
+        return JournalStorage(JournalRedisBackend(base, prefix=prefix))
     if label == "journal":
         return JournalStorage(JournalFileBackend(url))
     return RDBStorage(url.replace("postgresql://", "postgresql+psycopg://", 1) if label == "postgresql" else url)
@@ -89,10 +91,6 @@ def plain_storage(label: str, url: str):
 
 def plain_worker(label: str, url: str, name: str, index: int, n_trials: int, ready, go, out) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    storage = plain_storage(label, url)
-    study = optuna.load_study(study_name=name, storage=storage,
-                              sampler=optuna.samplers.TPESampler(seed=index, **SAMPLER_OPTIONS),
-                              pruner=optuna.pruners.MedianPruner(**PRUNER_OPTIONS))
     slept = 0.0
 
     def objective(trial: optuna.Trial) -> float:
@@ -109,10 +107,14 @@ def plain_worker(label: str, url: str, name: str, index: int, n_trials: int, rea
 
     ready.put(index)
     go.wait()
+    cpu = time.process_time()
+    study = optuna.load_study(study_name=name, storage=plain_storage(label, url),
+                              sampler=optuna.samplers.TPESampler(seed=index, **SAMPLER_OPTIONS),
+                              pruner=optuna.pruners.MedianPruner(**PRUNER_OPTIONS))
     # Optuna's own global budget: stop once the study holds n_trials finished or running trials.
     study.optimize(objective, n_trials=n_trials,
                    callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=None)])
-    out.put((time.perf_counter(), slept))
+    out.put((time.perf_counter(), slept, time.process_time() - cpu))
 
 
 def hpo_worker(label: str, url: str, name: str, index: int, n_trials: int, ready, go, out) -> None:
@@ -138,12 +140,14 @@ def hpo_worker(label: str, url: str, name: str, index: int, n_trials: int, ready
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     ready.put(index)
     go.wait()
+    cpu = time.process_time()
     worker.run_worker(name, url, index=index, threads=1)
-    out.put((time.perf_counter(), slept))
+    out.put((time.perf_counter(), slept, time.process_time() - cpu))
 
 
-def side(target, label: str, url: str, name: str, workers: int, n_trials: int) -> tuple[float, float]:
-    """Starts `workers` processes, lets them go together; returns (efficiency, wall seconds)."""
+def side(target, label: str, url: str, name: str, workers: int, n_trials: int) -> tuple[float, float, float]:
+    """Starts `workers` processes, lets them go together; returns (efficiency, wall seconds,
+    the workers' CPU milliseconds per trial)."""
     ctx = mp.get_context("spawn")
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=target, args=(label, url, name, i, n_trials, ready, go, out)) for i in range(workers)]
@@ -156,9 +160,9 @@ def side(target, label: str, url: str, name: str, workers: int, n_trials: int) -
     results = [out.get(timeout=1800) for _ in procs]
     for p in procs:
         p.join()
-    wall = max(end for end, _ in results) - started
-    ideal = sum(slept for _, slept in results) / workers
-    return ideal / wall, wall
+    wall = max(end for end, _, _ in results) - started
+    ideal = sum(slept for _, slept, _ in results) / workers
+    return ideal / wall, wall, sum(cpu for _, _, cpu in results) / n_trials * 1000
 
 
 def main() -> None:
@@ -183,14 +187,16 @@ def main() -> None:
     urls = {"redis": args.redis, "postgresql": args.postgres, "journal": os.path.join(tmp, "bench.journal"),
             "sqlite": f"sqlite:///{tmp}/bench.db"}
     print(f"{args.workers} workers, {args.trials} trials of 5 x 10 ms steps, TPE (constant liar) + median pruner")
-    print("efficiency = (total sleep / workers) / wall time\n")
-    print("| storage | plain Optuna | hpo | plain wall s | hpo wall s |")
-    print("|---|---|---|---|---|")
+    print("efficiency = (total sleep / workers) / wall time; CPU = the workers' CPU time per trial\n")
+    print("| storage | plain Optuna | hpo | plain wall s | hpo wall s | plain CPU ms/trial | hpo CPU ms/trial |")
+    print("|---|---|---|---|---|---|---|")
     for label in args.storages.split(","):
-        url = urls[label]
         plain_name, hpo_name = f"plain-{uuid.uuid4().hex[:6]}", f"hpo-{uuid.uuid4().hex[:6]}"
+        url = plain_url = urls[label]
+        if label == "redis":
+            url, plain_url = f"{url}?prefix={hpo_name}", f"{url}?prefix={plain_name}"
         try:
-            optuna.create_study(storage=plain_storage(label, url), study_name=plain_name, direction="minimize")
+            optuna.create_study(storage=plain_storage(label, plain_url), study_name=plain_name, direction="minimize")
         except Exception as err:
             print(f"# skipping {label}: {type(err).__name__}: {err}")
             continue
@@ -199,9 +205,10 @@ def main() -> None:
         with open(path, "w") as f:
             yaml.safe_dump(raw, f)
         coordinator.create(load_config(path), open_storage(url))
-        plain_eff, plain_wall = side(plain_worker, label, url, plain_name, args.workers, args.trials)
-        hpo_eff, hpo_wall = side(hpo_worker, label, url, hpo_name, args.workers, args.trials)
-        print(f"| {label} | {plain_eff:.2f} | {hpo_eff:.2f} | {plain_wall:.1f} | {hpo_wall:.1f} |", flush=True)
+        plain_eff, plain_wall, plain_cpu = side(plain_worker, label, plain_url, plain_name, args.workers, args.trials)
+        hpo_eff, hpo_wall, hpo_cpu = side(hpo_worker, label, url, hpo_name, args.workers, args.trials)
+        print(f"| {label} | {plain_eff:.2f} | {hpo_eff:.2f} | {plain_wall:.1f} | {hpo_wall:.1f} | {plain_cpu:.1f} | {hpo_cpu:.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

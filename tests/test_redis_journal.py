@@ -123,7 +123,7 @@ def test_a_full_read_takes_one_round_trip_per_batch(redis_url: str) -> None:
     backend.append_logs(logs(1000))
     counter = CommandCounter(backend)
     assert list(backend.read_logs(0)) == logs(1000)
-    assert counter.names == ["GET"] + ["MGET"] * 10
+    assert counter.names == ["EVALSHA"] * 10
 
 
 def test_a_sync_reads_only_the_new_logs_in_one_round_trip(redis_url: str) -> None:
@@ -135,9 +135,48 @@ def test_a_sync_reads_only_the_new_logs_in_one_round_trip(redis_url: str) -> Non
     other.optimize(objective, n_trials=1)
     counter = CommandCounter(worker._backend)
     assert len(study.get_trials(deepcopy=False)) == 21
-    assert counter.names == ["GET", "MGET"]
+    assert counter.names == ["EVALSHA"]
     assert len(study.get_trials(deepcopy=False)) == 21
-    assert counter.names == ["GET", "MGET", "GET"]
+    assert counter.names == ["EVALSHA", "EVALSHA"]
+
+
+def test_a_write_and_the_sync_after_it_take_one_round_trip(redis_url: str) -> None:
+    prefix = fresh_prefix()
+    worker = JournalStorage(RedisJournalBackend(redis_url, prefix=prefix))
+    study = optuna.create_study(study_name="write", storage=worker)
+    trial = study.ask()
+    other = optuna.load_study(study_name="write", storage=JournalStorage(RedisJournalBackend(redis_url, prefix=prefix)))
+    other.optimize(objective, n_trials=2)
+    counter = CommandCounter(worker._backend)
+    trial.set_user_attr("k", 1)  # the reply also brings the other worker's two trials
+    assert counter.names == ["EVALSHA"]
+    assert worker._replay_result.get_trial(trial._trial_id).user_attrs == {"k": 1}
+    assert len(worker._replay_result.get_all_trials(study._study_id, states=None)) == 3
+    assert counter.names == ["EVALSHA"]
+
+
+def test_reads_within_max_staleness_are_served_locally_but_never_miss_own_writes(redis_url: str) -> None:
+    prefix = fresh_prefix()
+    backend = RedisJournalBackend(redis_url, prefix=prefix, max_staleness=60)
+    worker = JournalStorage(backend)
+    study = optuna.create_study(study_name="stale", storage=worker)
+    other = optuna.load_study(study_name="stale", storage=JournalStorage(RedisJournalBackend(redis_url, prefix=prefix)))
+    counter = CommandCounter(backend)
+    other.optimize(objective, n_trials=1)
+    assert study.get_trials(deepcopy=False) == [] and counter.names == []  # within 60 s: not asked
+    study.set_user_attr("mine", True)  # a write brings everything up to it, the other's too
+    assert study.user_attrs == {"mine": True} and len(study.get_trials(deepcopy=False)) == 1
+    assert counter.names == ["EVALSHA"]
+    other.optimize(objective, n_trials=1)
+    assert len(study.get_trials(deepcopy=False)) == 1
+    backend.refresh()
+    assert len(study.get_trials(deepcopy=False)) == 2
+    assert counter.names == ["EVALSHA", "EVALSHA"]
+
+
+def test_max_staleness_must_not_be_negative(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="max_staleness must not be negative"):
+        RedisJournalBackend(redis_url, max_staleness=-1)
 
 
 def test_appends_send_one_script_call_for_a_list_of_logs(redis_url: str) -> None:

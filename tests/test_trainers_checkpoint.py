@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -111,13 +113,47 @@ def test_best_checkpoint_holds_the_epoch_with_the_best_monitored_metric(tmp_path
 
 def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
     trainers.fit(make_model(0), make_data(), config(tmp_path, epochs=1, precision="fp16-mixed"))
-    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert raw["format"] == 2 and raw["buffer"].dtype == torch.uint8
+    payload = checkpoint.load(tmp_path / "last.pt")
     assert {"model", "optimizer", "schedule", "scaler", "rng", "callbacks", "global_step"} <= set(payload)
 
 
+def test_packing_round_trips_every_tensor_exactly() -> None:
+    rng = torch.Generator().manual_seed(0)
+    payload = {
+        "format": 2,
+        "model": {"w": torch.randn(3, 5, generator=rng), "b": torch.randn(5, generator=rng).double(),
+                  "t": torch.randn(4, 6, generator=rng).t()},  # not contiguous
+        "optimizer": {"state": {0: {"step": torch.tensor(7.0), "flags": torch.tensor([True, False, True])}},
+                      "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "rng": (3, torch.arange(625, dtype=torch.int64), None),
+        "bytes": torch.tensor([1, 2, 3], dtype=torch.uint8), "empty": torch.zeros(0, 4), "half": torch.ones(3).half(),
+        "plain": [1, "two", 3.0, None],
+    }
+    packed = checkpoint.pack(payload)
+    assert packed["buffer"].dtype == torch.uint8 and packed["buffer"].numel() == packed["nbytes"]
+    round_trip = checkpoint.unpack(torch.load(_saved(packed), weights_only=True))
+    flat = lambda obj: torch.utils._pytree.tree_flatten(obj)[0]  # noqa: E731
+    for got, want in zip(flat(round_trip), flat(payload), strict=True):
+        if isinstance(want, torch.Tensor):
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+        else:
+            assert got == want
+    assert isinstance(round_trip["rng"], tuple) and 0 in round_trip["optimizer"]["state"]
+
+
+def _saved(obj) -> io.BytesIO:
+    blob = io.BytesIO()
+    torch.save(obj, blob)
+    blob.seek(0)
+    return blob
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    trainers.fit(make_model(0), make_data(), config(tmp_path, epochs=1))
-    before = (tmp_path / "last.pt").read_bytes()
+    target = tmp_path / "last.pt"
+    checkpoint.atomic_save({"epoch": 0}, target)
+    before = target.read_bytes()
 
     def interrupted_fsync(fd: int) -> None:
         os.truncate(fd, 100)  # half a file written, then the interrupt
@@ -125,27 +161,38 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp
 
     monkeypatch.setattr(checkpoint.os, "fsync", interrupted_fsync)
     with pytest.raises(KeyboardInterrupt):
-        trainers.fit(make_model(0), make_data(), config(tmp_path, epochs=2))
-    assert (tmp_path / "last.pt").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+        checkpoint.atomic_save({"epoch": 1}, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_write_that_fails_in_the_writer_process_fails_the_fit(tmp_path: Path) -> None:
+    (tmp_path / "last.pt").mkdir()  # nothing can be renamed over a folder
+    (tmp_path / "last.pt" / "keep").write_text("x")
+    with pytest.raises(OSError):
+        trainers.fit(make_model(0), make_data(), config(tmp_path, epochs=3))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not list(Path("/dev/shm").glob(f"trainers-ckpt-{os.getpid()}-*"))  # buffers freed
 
 
 def test_a_process_killed_mid_write_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    # The writer process writes through `_atomic_write`: here a process dies inside it.
     script = textwrap.dedent(f"""
         import os, torch, trainers
+        from pathlib import Path
         from trainers import checkpoint
         from torch import nn
         torch.manual_seed(0)
         model = nn.Linear(4, 2)
         x = torch.randn(32, 4); y = torch.randint(0, 2, (32,))
         data = trainers.Data((x, y), (x, y))
-        config = trainers.TrainerConfig(epochs=2, batch_size=8, device="cpu", checkpoint_dir={str(tmp_path)!r})
-        trainers.fit(model, data, trainers.TrainerConfig(**{{**config.__dict__, "epochs": 1}}))
+        config = trainers.TrainerConfig(epochs=1, batch_size=8, device="cpu", checkpoint_dir={str(tmp_path)!r})
+        trainers.fit(model, data, config)
         def dying_fsync(fd):
             os.truncate(fd, 100)  # half a file on disk, then the kill
             os._exit(9)
         checkpoint.os.fsync = dying_fsync
-        trainers.fit(model, data, config)
+        checkpoint._atomic_write(lambda file: file.write(b"x" * 10_000), Path({str(tmp_path / "last.pt")!r}))
     """)
     env = {**os.environ, "PYTHONPATH": str(Path(trainers.__file__).parents[1])}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
@@ -158,3 +205,30 @@ def test_a_process_killed_mid_write_leaves_a_loadable_checkpoint(tmp_path: Path)
     state = trainers.fit(nn.Linear(4, 2), data, trainers.TrainerConfig(epochs=2, batch_size=8, device="cpu",
                                                                         checkpoint_dir=str(tmp_path)))
     assert state.resumed and len(state.history) == 2
+
+
+def test_the_writer_process_exits_and_frees_its_buffers_when_its_parent_dies(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import os, torch, trainers
+        from torch import nn
+        from trainers import writer
+        x = torch.randn(32, 4); y = torch.randint(0, 2, (32,))
+        config = trainers.TrainerConfig(epochs=1, batch_size=8, device="cpu", checkpoint_dir={str(tmp_path)!r})
+        trainers.fit(nn.Linear(4, 2), trainers.Data((x, y), (x, y)), config)
+        buffer = writer.Buffer(1000, {str(tmp_path)!r})
+        w = writer.start()
+        w.result(w.submit(buffer, {{"format": 2, "state": {{}}, "tensors": [], "nbytes": 0}}, []), block=True)
+        print(w._process.pid, buffer.path, flush=True)
+        os._exit(9)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(trainers.__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 9, result.stderr
+    pid, path = result.stdout.split()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0:
+        assert time.monotonic() < deadline, "the writer outlived its parent"
+        time.sleep(0.1)
+    assert not Path(path).exists()
+
+

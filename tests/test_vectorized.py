@@ -483,6 +483,7 @@ def test_the_heartbeat_covers_every_trial_a_population_worker_holds(tmp_path) ->
     trials = [study.ask() for _ in range(3)]
     beat = heartbeat.Heartbeat(study, "w", 30, 120, 2)
     beat.running(trials)
+    beat.beat()  # the heartbeat thread's next beat
     assert heartbeat.workers(study)["w"]["trial"] == 0 and heartbeat.workers(study)["w"]["trials"] == [0, 1, 2]
     beat.running(None)
     beat.beat()

@@ -260,14 +260,15 @@ def test_signals_wait_for_a_safe_point_and_a_second_ctrl_c_stops_at_once() -> No
 
 
 def test_status_lists_every_trial_a_population_worker_holds(tmp_path: Path) -> None:
-    from hpo import heartbeat
+    from hpo import coordinator, heartbeat
     from hpo.report import status_text
 
     path = write_study(tmp_path, "held", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}})
     study = created(path, str(tmp_path / "h.journal"))
     config = load_config(str(path))
-    beat = heartbeat.Heartbeat(study, "w0", 30, 120, 2)
-    beat.running([study.ask(), study.ask()])
+    heartbeat.Heartbeat(study, "w0", 30, 120, 2).beat()
+    held, _ = coordinator.ask(study, config, 2, {"hpo:worker": "w0"})
+    assert [t.user_attrs["hpo:worker"] for t in held] == ["w0", "w0"]
     assert "w0: running #0, #1, heartbeat" in status_text(study, config)
-    beat.running(study.ask())
-    assert "w0: running #2, heartbeat" in status_text(study, config)
+    study.tell(held[0], 0.5)
+    assert "w0: running #1, heartbeat" in status_text(study, config)

@@ -1,0 +1,167 @@
+"""The checkpoint writer: a child process that pickles and writes what the training thread packed.
+
+Pickling a checkpoint holds the GIL (about a millisecond for an MLP and its Adam state), and a
+writer thread in the training process takes that time from the training loop. So the training
+thread only copies the state's tensors into a shared-memory buffer (`Buffer`, a file in
+/dev/shm that both processes map) and sends the rest, a small pickle, down a pipe; this process
+rebuilds the checkpoint, pickles it and writes it atomically, then answers with the write's
+error or None. One child serves every trial of a process: it starts at the first checkpoint
+(or at `start()`) and exits when the pipe closes, i.e. when its parent exits or dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_SHM = "/dev/shm"
+
+
+class Buffer:
+    """A file-backed byte tensor shared with the writer process; in /dev/shm when it has room."""
+
+    _numbers = itertools.count()
+
+    def __init__(self, nbytes: int, fallback_dir: Path) -> None:
+        self.nbytes = max(nbytes, 1)
+        name = f"trainers-ckpt-{os.getpid()}-{next(self._numbers)}.buf"
+        for directory in (_SHM, tempfile.gettempdir(), str(fallback_dir)):
+            path = os.path.join(directory, name)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError:
+                continue
+            try:
+                # Reserved now: a tmpfs that fills up later would kill the process with SIGBUS
+                # at the first write to the mapping instead of raising here.
+                os.posix_fallocate(fd, 0, self.nbytes)
+            except OSError:
+                os.close(fd)
+                os.unlink(path)
+                continue
+            os.close(fd)
+            self.path = path
+            self.tensor = torch.from_file(path, shared=True, size=self.nbytes, dtype=torch.uint8)
+            self.specs: list[tuple] | None = None  # the layout last filled in, and its views
+            self.views: list[torch.Tensor] | None = None
+            return
+        raise OSError(f"no room for a {self.nbytes}-byte checkpoint buffer in {_SHM}, the temp dir or {fallback_dir}")
+
+    def close(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class Writer:
+    """The parent's end: `submit` a packed checkpoint, `result` to learn how its write went."""
+
+    def __init__(self) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        # The child imports this package the way the parent did, whatever sys.path hacks got it here.
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", f"from trainers.writer import serve; serve({to_child_r}, {from_child_w})"],
+            pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL,
+        )
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._send = Connection(to_child_w, readable=False)
+        self._recv = Connection(from_child_r, writable=False)
+        self._lock = threading.Lock()
+        self._tokens = itertools.count()
+        self._results: dict[int, BaseException | None] = {}
+
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def submit(self, buffer: Buffer, packed: dict[str, Any], targets: list[Path]) -> int:
+        """Sends a checkpoint whose tensors are in `buffer` (`packed` without ``"buffer"``) to be
+        written to each target; returns the token that `result` takes."""
+        token = next(self._tokens)
+        with self._lock:
+            self._send.send(("write", token, buffer.path, buffer.nbytes, packed, [str(t) for t in targets]))
+        return token
+
+    def result(self, token: int, block: bool) -> tuple[bool, BaseException | None]:
+        """(done, error) for the write `token`; waits for it when `block`."""
+        with self._lock:
+            while token not in self._results and (block or self._recv.poll()):
+                try:
+                    done, error = self._recv.recv()
+                except EOFError:
+                    raise RuntimeError(f"the checkpoint writer process exited (code {self._process.wait()})") from None
+                self._results[done] = error
+            if token not in self._results:
+                return False, None
+            return True, self._results.pop(token)
+
+
+_writer: Writer | None = None
+_writer_lock = threading.Lock()
+
+
+def start() -> Writer:
+    """The process's writer, started now if it is not running (it takes about a second to import torch)."""
+    global _writer
+    with _writer_lock:
+        if _writer is None or not _writer.alive():
+            _writer = Writer()
+        return _writer
+
+
+def serve(read_fd: int, write_fd: int) -> None:
+    """The child's loop: one message per checkpoint, answered once it is on disk (or failed)."""
+    from trainers.checkpoint import _atomic_write
+
+    torch.set_num_threads(1)
+    # Background work: woken by the parent's message, a child at the same priority may take the
+    # parent's core at once (the scheduler places a woken task near its waker) and stall the
+    # training thread for the whole pickling; at the lowest priority it waits for a free core.
+    os.nice(19)
+    inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    seen: set[str] = set()
+    try:
+        while True:
+            try:
+                _, token, path, nbytes, packed, targets = inbox.recv()
+            except EOFError:
+                return
+            seen.add(path)
+            error = None
+            try:
+                mapped = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+                blob = io.BytesIO()
+                torch.save({**packed, "buffer": mapped[: packed["nbytes"]].clone()}, blob)
+                for target in targets:
+                    _atomic_write(lambda file, blob=blob: file.write(blob.getbuffer()), Path(target))
+            except Exception as err:  # sent back and raised on the training thread
+                error = err if _picklable(err) else RuntimeError(f"{type(err).__name__}: {err}")
+            outbox.send((token, error))
+    finally:
+        # A parent killed mid-run leaves its buffers behind: they are only ever in use here now.
+        for path in seen:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _picklable(obj: Any) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(obj)
+    except Exception:
+        return False
+    return True
