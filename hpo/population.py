@@ -43,7 +43,7 @@ from hpo import coordinator, heartbeat, objective
 from hpo import space as space_mod
 from hpo.config import Config
 from hpo.outage import persist
-from hpo.worker import Interrupted, Signals, Summary, finish, hand_back, restore_signals
+from hpo.worker import Interrupted, Signals, Summary, finish, hand_back, restore_signals, trial_attrs
 from trainers import vectorized
 from trainers.vectorized import NotVectorizable, Slot
 
@@ -112,8 +112,8 @@ class Population:
     def _ask(self, n: int) -> list[Member]:
         if n <= 0 or self.budget_spent:
             return []
-        asked, _ = persist(partial(coordinator.ask, self.study, self.config, n, {"hpo:worker": self.summary.worker}),
-                           "asking for trials", self.patience)
+        attrs = trial_attrs(self.summary.worker, self.sampler_seed)
+        asked, _ = persist(partial(coordinator.ask, self.study, self.config, n, attrs), "asking for trials", self.patience)
         if len(asked) < n:
             self.budget_spent = True
         members = [self._member(trial) for trial in asked]
@@ -122,9 +122,7 @@ class Population:
         return members
 
     def _member(self, trial: optuna.Trial) -> Member:
-        patience = self.patience
         seed = objective.trial_seed(self.config, trial.number)
-        persist(partial(trial.set_user_attr, "hpo:seeds", {"sampler": self.sampler_seed, "trial": seed}), "starting a trial", patience)
         params = space_mod.suggest(trial, self.config.space)
         member = Member(trial, params, seed)
         if self.solo_reason or {"hpo:batch_size", "hpo:resume_from"} & trial._cached_frozen_trial.user_attrs.keys():

@@ -86,6 +86,12 @@ def sampler_seed(base: int | None, index: int | None, worker: str) -> int | None
     return (base + offset) % 2**32
 
 
+def trial_attrs(worker: str, sampler_seed: int | None) -> dict[str, object]:
+    """What each trial records of the worker that ran it, written with the trial's creation. (The
+    trial's own torch seed is the study's seed + its number: `objective.trial_seed`.)"""
+    return {"hpo:worker": worker, "hpo:seeds": {"sampler": sampler_seed}}
+
+
 def run_worker(
     study_name: str,
     storage_url: str | None,
@@ -131,14 +137,12 @@ def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary
     previous = signals.install()
     try:
         while signals.name is None:
-            asked, _ = persist(partial(coordinator.ask, study, config, user_attrs={"hpo:worker": summary.worker}),
+            asked, _ = persist(partial(coordinator.ask, study, config, user_attrs=trial_attrs(summary.worker, seed)),
                                "asking for a trial", patience)
             if not asked:
                 break
             trial = asked[0]
             beat.running(trial)
-            seeds = {"sampler": seed, "trial": objective.trial_seed(config, trial.number)}
-            persist(partial(trial.set_user_attr, "hpo:seeds", seeds), "starting a trial", patience)
             state = _run_one(study, trial, config, task, threads, summary, signals)
             beat.running(None)
             summary.states[state.name] = summary.states.get(state.name, 0) + 1

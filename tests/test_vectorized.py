@@ -341,7 +341,7 @@ def test_population_groups_one_ask_by_architecture_and_each_trial_keeps_its_solo
     assert [t.user_attrs["hpo:vectorized_width"] for t in trials] == [3, 2, 3, 2, 3]
     for t in trials:
         assert t.user_attrs["hpo:vectorize"] == {"width": 5, "auto": False, "data": "per_slot"}
-        assert t.user_attrs["hpo:worker"] and t.user_attrs["hpo:seeds"]["trial"] == 3 + t.number
+        assert t.user_attrs["hpo:worker"] and t.user_attrs["hpo:seeds"] == {"sampler": 3}
         assert set(t.user_attrs["hpo:metrics"]) >= {"val_accuracy", "val_loss", "train_loss"}
     # Per-slot data order and the trial's seed: the same curve as the trial trained alone.
     for grouped, alone in zip(trials, solo.get_trials(), strict=True):
