@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -232,3 +233,31 @@ def test_the_writer_process_exits_and_frees_its_buffers_when_its_parent_dies(tmp
     assert not Path(path).exists()
 
 
+
+
+def test_the_writer_process_outlives_ctrl_c_and_sigterm_sent_to_the_whole_group(tmp_path: Path) -> None:
+    from trainers import writer
+
+    process = writer.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # at once: it must ignore them from its first line
+        os.kill(process._process.pid, sig)
+    trainers.fit(make_model(0), make_data(), config(tmp_path, epochs=2))
+    assert process.alive() and writer.start() is process
+    assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 1
+
+
+def test_a_writer_process_that_dies_fails_the_fit_and_the_next_fit_gets_a_new_one(tmp_path: Path) -> None:
+    from trainers import writer
+
+    process = writer.start()
+
+    class KillWriter:
+        def on_epoch_start(self, state) -> None:
+            if state.epoch == 2:
+                process._process.kill()
+                process._process.wait()
+
+    with pytest.raises(RuntimeError, match="checkpoint writer process exited"):
+        trainers.fit(make_model(0), make_data(), config(tmp_path, epochs=4), [KillWriter()])
+    trainers.fit(make_model(0), make_data(), config(tmp_path / "again", epochs=1))
+    assert writer.start() is not process and checkpoint.load(tmp_path / "again" / "last.pt")["epoch"] == 0

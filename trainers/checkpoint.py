@@ -166,7 +166,7 @@ class Checkpoints:
         self.every, self.epochs = every, epochs
         # Per file, the newest checkpoint not yet sent to the writer; at most one is being written.
         self._pending: dict[Path, _Packed] = {}
-        self._in_flight: tuple[int, _Packed] | None = None
+        self._in_flight: tuple[writer.Writer, int, _Packed] | None = None
         self._free: list[writer.Buffer] = []
 
     @property
@@ -224,15 +224,17 @@ class Checkpoints:
         targets = [path for path, p in self._pending.items() if p is packed]
         for path in targets:
             del self._pending[path]
-        self._in_flight = (writer.start().submit(packed.buffer, packed.meta, targets), packed)
+        process = writer.start()
+        self._in_flight = (process, process.submit(packed.buffer, packed.meta, targets), packed)
 
     def _collect(self, block: bool) -> None:
         """Takes the answer for the write in flight, if any came (waits for it when `block`), and
         sends the next; raises the error of a write that failed."""
         if self._in_flight is None:
             return
-        token, packed = self._in_flight
-        done, error = writer.start().result(token, block)
+        # Asked of the writer that took it: one started since (after a crash) never heard of it.
+        process, token, packed = self._in_flight
+        done, error = process.result(token, block)
         if not done:
             return
         self._in_flight = None
@@ -251,7 +253,7 @@ class Checkpoints:
         return writer.Buffer(size, self.directory)
 
     def _release(self, packed: _Packed) -> None:
-        busy = any(p is packed for p in self._pending.values()) or (self._in_flight is not None and self._in_flight[1] is packed)
+        busy = any(p is packed for p in self._pending.values()) or (self._in_flight is not None and self._in_flight[2] is packed)
         if not busy:
             self._free.append(packed.buffer)
 

@@ -72,8 +72,15 @@ class Writer:
         # The child imports this package the way the parent did, whatever sys.path hacks got it here.
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        # Ctrl-C reaches the whole process group, and a batch scheduler's SIGTERM often every
+        # process of the job: the parent then saves a last checkpoint, which the child must still
+        # write. So the child ignores both from its first line; it exits when the parent has gone
+        # (end of file on the pipe).
+        code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                f"from trainers.writer import serve; serve({to_child_r}, {from_child_w})")
         self._process = subprocess.Popen(
-            [sys.executable, "-c", f"from trainers.writer import serve; serve({to_child_r}, {from_child_w})"],
+            [sys.executable, "-c", code],
             pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL,
         )
         os.close(to_child_r)
@@ -84,6 +91,10 @@ class Writer:
         self._tokens = itertools.count()
         self._results: dict[int, BaseException | None] = {}
 
+    def _exited(self) -> RuntimeError:
+        return RuntimeError(f"the checkpoint writer process exited (code {self._process.wait()}); "
+                            "the next fit starts a new one")
+
     def alive(self) -> bool:
         return self._process.poll() is None
 
@@ -92,7 +103,10 @@ class Writer:
         written to each target; returns the token that `result` takes."""
         token = next(self._tokens)
         with self._lock:
-            self._send.send(("write", token, buffer.path, buffer.nbytes, packed, [str(t) for t in targets]))
+            try:
+                self._send.send(("write", token, buffer.path, buffer.nbytes, packed, [str(t) for t in targets]))
+            except BrokenPipeError:
+                raise self._exited() from None
         return token
 
     def result(self, token: int, block: bool) -> tuple[bool, BaseException | None]:
@@ -102,7 +116,7 @@ class Writer:
                 try:
                     done, error = self._recv.recv()
                 except EOFError:
-                    raise RuntimeError(f"the checkpoint writer process exited (code {self._process.wait()})") from None
+                    raise self._exited() from None
                 self._results[done] = error
             if token not in self._results:
                 return False, None
