@@ -81,7 +81,7 @@ class Writer:
                 f"from trainers.writer import serve; serve({to_child_r}, {from_child_w})")
         self._process = subprocess.Popen(
             [sys.executable, "-c", code],
-            pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL,
+            pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         )
         os.close(to_child_r)
         os.close(from_child_w)
