@@ -26,7 +26,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hpo.config import ConfigError
     from hpo.coordinator import StudyError
     from hpo.dashboard import DashboardError
-    from hpo.plots import PlotError
     from hpo.storage import StorageError, scrub
     from hpo.supervisor import SupervisorError
     from hpo.task import TaskImportError
@@ -38,13 +37,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in err.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
-    except (StorageError, StudyError, PlotError, TaskImportError, SupervisorError, DashboardError) as err:
+    except (StorageError, StudyError, TaskImportError, SupervisorError, DashboardError) as err:
         print(f"hpo: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("hpo: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
+        # Only the commands that draw import hpo.plots (through Optuna's importance evaluators it
+        # pulls in scikit-learn: a second of start-up that every other command would pay).
+        plots = sys.modules.get("hpo.plots")
+        if plots is not None and isinstance(err, plots.PlotError):
+            print(f"hpo: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
         if args.debug:
             print(scrub(traceback.format_exc()), file=sys.stderr)
         print(f"hpo: error: {scrub(f'{type(err).__name__}: {err}')} (run with --debug for the traceback)", file=sys.stderr)

@@ -16,23 +16,29 @@ import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import optuna
-from optuna.importance import (
-    BaseImportanceEvaluator,
-    FanovaImportanceEvaluator,
-    MeanDecreaseImpurityImportanceEvaluator,
-    PedAnovaImportanceEvaluator,
-)
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.trials_view import TrialsView
 
+if TYPE_CHECKING:
+    from optuna.importance import BaseImportanceEvaluator
+
+# optuna.importance is imported when an evaluator is made: it imports scikit-learn (a second),
+# which every CLI command would otherwise pay at start-up.
 EVALUATORS: dict[str, Callable[[int], BaseImportanceEvaluator]] = {
-    "ped-anova": lambda seed: PedAnovaImportanceEvaluator(),
-    "fanova": lambda seed: FanovaImportanceEvaluator(seed=seed),
-    "mdi": lambda seed: MeanDecreaseImpurityImportanceEvaluator(seed=seed),
+    "ped-anova": lambda seed: _evaluators().PedAnovaImportanceEvaluator(),
+    "fanova": lambda seed: _evaluators().FanovaImportanceEvaluator(seed=seed),
+    "mdi": lambda seed: _evaluators().MeanDecreaseImpurityImportanceEvaluator(seed=seed),
 }
+
+
+def _evaluators():
+    import optuna.importance
+
+    return optuna.importance
 LABELS = {"ped-anova": "PED-ANOVA", "fanova": "fANOVA", "mdi": "mean decrease impurity"}
 # Trials per resample beyond which a study is subsampled. PED-ANOVA stays in milliseconds
 # at 10,000 trials; fANOVA takes tens of seconds at 1,000, so it is capped much lower.

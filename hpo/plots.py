@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Sequence
 
 import optuna
-import optuna.visualization as vis
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
@@ -47,6 +46,8 @@ def figure(
         metrics: the objective names (the study file's metrics), used on axes.
         importance: an importance already computed (the report reuses it); else computed here.
     """
+    import optuna.visualization as vis  # 0.4 s; only the commands that draw need it
+
     if kind not in KINDS:
         raise PlotError(f"unknown plot kind {kind!r} (expected one of {', '.join(KINDS)})")
     trials = study.get_trials(deepcopy=False)
