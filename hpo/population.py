@@ -18,7 +18,7 @@ architecture, and trains each group as one stacked model (`trainers.vectorized`)
   epoch 0 in the freed slot. A new trial of another
   architecture is not run solo at once but kept for the next group (it usually finds partners
   there), and the current group shrinks by one instead.
-- **Bookkeeping.** Every trial carries ``hpo:worker`` and ``hpo:seeds`` as in solo mode, plus
+- **Bookkeeping.** Every trial carries ``hpo:worker`` and ``hpo:seeds`` (written with the trial), plus
   ``hpo:vectorize`` (the width K and whether `auto` chose it) and ``hpo:vectorized_width`` (how
   many trials trained together when it started; 1 means solo). The heartbeat covers every trial
   the worker holds, waiting ones included.

@@ -109,13 +109,17 @@ class RedisJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         # what the last append's reply brought back from there: (first number, [last, *values]).
         self._next: int | None = None
         self._ahead: tuple[int, list[Any]] | None = None
+        # When the request behind the last reply was sent (the reply is at least that fresh),
+        # and the last `refresh()`: a reply to a request sent before it does not serve reads.
         self._replied_at = -math.inf
+        self._fresh_after = -math.inf
+        self._taken_all = False
         self._connect()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_redis"], state["_read"], state["_append"]
-        state.update(_next=None, _ahead=None, _replied_at=-math.inf)
+        state.update(_next=None, _ahead=None, _replied_at=-math.inf, _fresh_after=-math.inf, _taken_all=False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -130,18 +134,28 @@ class RedisJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         self._append = self._redis.register_script(_APPEND)
 
     def refresh(self) -> None:
-        """The next read asks Redis, however recent the last reply."""
-        self._replied_at = -math.inf
+        """The next read asks Redis unless a reply to a request sent after this call came first.
+
+        Called under a lock, it makes the next read see every write of the lock's earlier holders,
+        even if another thread's request sent before it is answered in between."""
+        self._fresh_after = time.monotonic()
 
     def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == log_number_from:
             reply = ahead[1]
-        elif log_number_from == self._next and time.monotonic() - self._replied_at < self._max_staleness:
+        elif (self._taken_all and log_number_from == self._next and self._replied_at >= self._fresh_after
+              and time.monotonic() - self._replied_at < self._max_staleness):
             return
         else:
             reply = self._call(self._read, log_number_from)
-        number = log_number_from
+        # Until the caller has taken every log (its replay may raise part way and drop the rest),
+        # no read is served from here.
+        self._taken_all = False
+        yield from self._logs(reply, log_number_from)
+        self._taken_all = True
+
+    def _logs(self, reply: list[Any], number: int) -> Iterator[dict[str, Any]]:
         while True:
             last, values = int(reply[0]), reply[1:]
             logs = _decode_all(values)
@@ -191,8 +205,9 @@ class RedisJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         return self._redis.get(f"{self._prefix}:snapshot")
 
     def _call(self, script, first: int, logs: list[str] = ()) -> list[Any]:
+        sent = time.monotonic()
         reply = script(args=[self._prefix, first, self._batch, *logs])
-        self._replied_at = time.monotonic()
+        self._replied_at = sent
         return reply
 
     def _wait_for(self, number: int) -> bytes:

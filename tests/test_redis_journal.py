@@ -174,6 +174,17 @@ def test_reads_within_max_staleness_are_served_locally_but_never_miss_own_writes
     assert counter.names == ["EVALSHA", "EVALSHA"]
 
 
+def test_a_read_the_caller_stopped_part_way_is_not_served_from_the_last_reply(redis_url: str) -> None:
+    backend = RedisJournalBackend(redis_url, prefix=fresh_prefix(), max_staleness=60)
+    backend.append_logs(logs(5))
+    counter = CommandCounter(backend)
+    first = backend.read_logs(0)
+    assert next(first) == logs(5)[0]  # then its replay raises, say, and drops the rest
+    assert list(backend.read_logs(1)) == logs(5)[1:]
+    assert counter.names == ["EVALSHA", "EVALSHA"]
+    assert list(backend.read_logs(5)) == [] and counter.names == ["EVALSHA", "EVALSHA"]  # now caught up
+
+
 def test_max_staleness_must_not_be_negative(redis_url: str) -> None:
     with pytest.raises(ValueError, match="max_staleness must not be negative"):
         RedisJournalBackend(redis_url, max_staleness=-1)

@@ -259,5 +259,6 @@ def test_a_writer_process_that_dies_fails_the_fit_and_the_next_fit_gets_a_new_on
 
     with pytest.raises(RuntimeError, match="checkpoint writer process exited"):
         trainers.fit(make_model(0), make_data(), config(tmp_path, epochs=4), [KillWriter()])
+    assert not list(Path("/dev/shm").glob(f"trainers-ckpt-{os.getpid()}-*"))  # its buffers freed
     trainers.fit(make_model(0), make_data(), config(tmp_path / "again", epochs=1))
     assert writer.start() is not process and checkpoint.load(tmp_path / "again" / "last.pt")["epoch"] == 0

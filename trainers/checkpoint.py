@@ -211,8 +211,15 @@ class Checkpoints:
         """Blocks until every pending write is on disk; raises the error of one that failed."""
         try:
             while self._in_flight is not None or self._pending:
+                self._dispatch()
                 self._collect(block=True)
         finally:
+            # Normally all are free by now; after an error (or an interrupt) nothing more will
+            # be written from them.
+            self._drop_pending()
+            if self._in_flight is not None:
+                self._free.append(self._in_flight[2].buffer)
+                self._in_flight = None
             for buffer in self._free:
                 buffer.close()
             self._free.clear()
@@ -222,10 +229,11 @@ class Checkpoints:
             return
         packed = next(iter(self._pending.values()))
         targets = [path for path, p in self._pending.items() if p is packed]
+        process = writer.start()
+        token = process.submit(packed.buffer, packed.meta, targets)  # raises if the writer is gone
         for path in targets:
             del self._pending[path]
-        process = writer.start()
-        self._in_flight = (process, process.submit(packed.buffer, packed.meta, targets), packed)
+        self._in_flight = (process, token, packed)
 
     def _collect(self, block: bool) -> None:
         """Takes the answer for the write in flight, if any came (waits for it when `block`), and
@@ -234,17 +242,21 @@ class Checkpoints:
             return
         # Asked of the writer that took it: one started since (after a crash) never heard of it.
         process, token, packed = self._in_flight
-        done, error = process.result(token, block)
+        done, error = process.result(token, block)  # raises if the writer died: `wait` cleans up
         if not done:
             return
         self._in_flight = None
         self._release(packed)
         if error is not None:
-            for pending in {id(p): p for p in self._pending.values()}.values():
-                self._release(pending)
-            self._pending.clear()
+            self._drop_pending()
             raise error
         self._dispatch()
+
+    def _drop_pending(self) -> None:
+        stale = {id(p): p for p in self._pending.values()}.values()
+        self._pending.clear()
+        for packed in stale:
+            self._release(packed)
 
     def _buffer(self, size: int) -> writer.Buffer:
         for i, buffer in enumerate(self._free):

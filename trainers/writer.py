@@ -15,6 +15,7 @@ import contextlib
 import io
 import itertools
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -104,7 +105,9 @@ class Writer:
         token = next(self._tokens)
         with self._lock:
             try:
-                self._send.send(("write", token, buffer.path, buffer.nbytes, packed, [str(t) for t in targets]))
+                # The checkpoint's plain values are pickled apart, so that one the child cannot
+                # unpickle (a class it cannot import) fails that write, not the child.
+                self._send.send((token, buffer.path, pickle.dumps(packed), [str(t) for t in targets]))
             except BrokenPipeError:
                 raise self._exited() from None
         return token
@@ -150,15 +153,21 @@ def serve(read_fd: int, write_fd: int) -> None:
     try:
         while True:
             try:
-                _, token, path, nbytes, packed, targets = inbox.recv()
+                token, path, pickled, targets = inbox.recv()
             except EOFError:
                 return
             seen.add(path)
             error = None
             try:
-                mapped = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+                packed = pickle.loads(pickled)
+                # Read, not mapped: a buffer its parent has already deleted must fail this write,
+                # not be created anew full of zeros.
+                with open(path, "rb") as file:
+                    data = bytearray(packed["nbytes"])
+                    if file.readinto(data) != len(data):
+                        raise EOFError(f"checkpoint buffer {path} is shorter than {len(data)} bytes")
                 blob = io.BytesIO()
-                torch.save({**packed, "buffer": mapped[: packed["nbytes"]].clone()}, blob)
+                torch.save({**packed, "buffer": torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)}, blob)
                 for target in targets:
                     _atomic_write(lambda file, blob=blob: file.write(blob.getbuffer()), Path(target))
             except Exception as err:  # sent back and raised on the training thread
@@ -172,8 +181,6 @@ def serve(read_fd: int, write_fd: int) -> None:
 
 
 def _picklable(obj: Any) -> bool:
-    import pickle
-
     try:
         pickle.dumps(obj)
     except Exception:
