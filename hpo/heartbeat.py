@@ -64,10 +64,7 @@ class Heartbeat:
         trials = [] if trial is None else list(trial) if isinstance(trial, (list, tuple)) else [trial]
         self.trial_ids = [t._trial_id for t in trials]
         self.trial_numbers = [t.number for t in trials]
-        storage = self.study._storage
-        if uses_optuna_heartbeat(storage):
-            for trial_id in self.trial_ids:
-                storage.record_heartbeat(trial_id)
+        self._beat_trials()
 
     def beat(self, alive: bool = True) -> None:
         storage = self.study._storage
@@ -77,6 +74,10 @@ class Heartbeat:
         if len(numbers) > 1:
             record["trials"] = numbers
         storage.set_study_system_attr(self.study._study_id, WORKER_PREFIX + self.worker, record)
+        self._beat_trials()
+
+    def _beat_trials(self) -> None:
+        storage = self.study._storage
         if uses_optuna_heartbeat(storage):
             for trial_id in list(self.trial_ids):
                 storage.record_heartbeat(trial_id)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import math
 import os
 import random
 import tempfile
@@ -69,7 +70,7 @@ def _atomic_write(write: Any, path: Path) -> None:
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Reads a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
     payload = torch.load(path, map_location=map_location, weights_only=True)
-    return unpack(payload) if payload.get("format") == 2 else payload
+    return unpack(payload) if payload.get("format") == FORMAT else payload
 
 
 def layout(payload: dict[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor], list[tuple], int]:
@@ -109,7 +110,12 @@ def pack(payload: dict[str, Any]) -> dict[str, Any]:
     state, tensors, specs, size = layout(payload)
     buffer = torch.empty(size, dtype=torch.uint8)
     fill(buffer, tensors, specs)
-    return {"format": 2, "state": state, "buffer": buffer, "tensors": specs, "nbytes": size}
+    return {**header(state, specs, size), "buffer": buffer}
+
+
+def header(state: dict[str, Any], specs: list[tuple], size: int) -> dict[str, Any]:
+    """A packed checkpoint without its buffer: what the writer process is sent."""
+    return {"format": FORMAT, "state": state, "tensors": specs, "nbytes": size}
 
 
 def unpack(packed: dict[str, Any]) -> dict[str, Any]:
@@ -121,10 +127,7 @@ def unpack(packed: dict[str, Any]) -> dict[str, Any]:
 
 
 def _view(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> torch.Tensor:
-    numel = 1
-    for size in shape:
-        numel *= size
-    nbytes = numel * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     return buffer[offset : offset + nbytes].view(dtype).view(shape)
 
 
@@ -196,7 +199,7 @@ class Checkpoints:
         # Every epoch has the same layout: the views into a reused buffer are made once.
         known = buffer.views if buffer.specs == specs else None
         buffer.views, buffer.specs = fill(buffer.tensor, tensors, specs, known), specs
-        packed = _Packed(buffer, {"format": 2, "state": plain, "tensors": specs, "nbytes": size})
+        packed = _Packed(buffer, header(plain, specs, size))
         targets = [self.best] if self.save_best and is_best else []
         targets += [self.last] if last else []
         # The newest checkpoint per file replaces one not yet written, so short epochs never
