@@ -89,8 +89,17 @@ def run_trainers(epochs: int, data, workdir: str, checkpoint: bool = True, every
                                     save_best=False, resume=False, checkpoint_every=every)
     model = mlp()
     start = time.perf_counter()
-    trainers.fit(model, trainers.Data((x, y), (xv, yv)), config)
+    trainers.fit(model, trainers.Data((x, y), (xv, yv)), config, eval_step=loss_and_accuracy)
     return time.perf_counter() - start
+
+
+def loss_and_accuracy(model, batch):
+    """The same validation as the other loops: loss and accuracy (trainers' default step also
+    computes top-5 accuracy and macro F1, 0.2 ms more per epoch here)."""
+    import torch.nn.functional as F
+
+    logits = model(batch[0])
+    return {"loss": F.cross_entropy(logits, batch[1], reduction="sum"), "accuracy": (logits.argmax(1) == batch[1]).sum()}
 
 
 def run_lightning(epochs: int, data, workdir: str) -> float:

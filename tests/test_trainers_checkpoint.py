@@ -144,6 +144,16 @@ def test_packing_round_trips_every_tensor_exactly() -> None:
     assert isinstance(round_trip["rng"], tuple) and 0 in round_trip["optimizer"]["state"]
 
 
+def test_layout_leaves_the_values_of_plain_keys_unsearched_and_still_saves_their_tensors() -> None:
+    payload = {"model": {"w": torch.ones(2)}, "history": [{"loss": 0.5, "extra": torch.full((2,), 3.0)}]}
+    state, tensors, specs, _ = checkpoint.layout(payload, ("history",))
+    assert [path for path, *_ in specs] == [("model", "w")] and len(tensors) == 1
+    assert state["history"] is payload["history"] and state["model"] == {"w": None}
+    # The plain part is pickled as it is, tensor included, and loads with weights_only.
+    loaded = torch.load(_saved(state), weights_only=True)
+    assert torch.equal(loaded["history"][0]["extra"], torch.full((2,), 3.0))
+
+
 def _saved(obj) -> io.BytesIO:
     blob = io.BytesIO()
     torch.save(obj, blob)

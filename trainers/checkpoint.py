@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 FORMAT = 2  # 2: tensors packed in flat buffers (`pack`); 1: torch.save of the nested state
 # Offsets in a packed buffer are multiples of this, so that every dtype can view its slice.
 _ALIGN = 16
+_ATOMS = frozenset({int, float, bool, str, type(None)})
+_DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in
+                (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool)}
+# Values of the metrics and their history: plain numbers, which `layout` need not search.
+_PLAIN_KEYS = ("metrics", "history")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -73,17 +78,21 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     return unpack(payload) if payload.get("format") == FORMAT else payload
 
 
-def layout(payload: dict[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor], list[tuple], int]:
+def layout(payload: dict[str, Any], plain: tuple[str, ...] = ()
+           ) -> tuple[dict[str, Any], list[torch.Tensor], list[tuple], int]:
     """Splits `payload` into its plain values (tensors replaced by None), its tensors, where each
     goes in a flat byte buffer ``(path, dtype, shape, offset)``, and the buffer's size.
 
-    Tensors a flat buffer cannot hold (sparse, quantized) stay among the plain values.
+    Tensors a flat buffer cannot hold (sparse, quantized) stay among the plain values, as do the
+    values of the top-level keys in `plain`, which are not searched: a tensor there is still
+    saved, only pickled on its own.
     """
     found: list[tuple[tuple, torch.Tensor]] = []
-    state = _strip(payload, (), found)
+    state = {key: value if key in plain else _strip(value, (key,), found) for key, value in payload.items()}
     specs, size = [], 0
     for path, tensor in found:
-        specs.append((path, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), size))
+        specs.append((path, _DTYPE_NAMES.get(tensor.dtype) or str(tensor.dtype).removeprefix("torch."),
+                      tuple(tensor.shape), size))
         size += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
     return state, [tensor for _, tensor in found], specs, size
 
@@ -132,8 +141,10 @@ def _view(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offs
 
 
 def _strip(obj: Any, path: tuple, found: list[tuple[tuple, torch.Tensor]]) -> Any:
+    if type(obj) in _ATOMS:  # most leaves: one set lookup instead of three isinstance checks
+        return obj
     if isinstance(obj, torch.Tensor) and obj.layout == torch.strided and not obj.is_quantized:
-        found.append((path, obj.detach()))
+        found.append((path, obj.detach() if obj.requires_grad else obj))
         return None
     if isinstance(obj, dict):
         return {key: _strip(value, (*path, key), found) for key, value in obj.items()}
@@ -194,7 +205,7 @@ class Checkpoints:
         self._collect(block=False)
         # Copied now, before the next step changes the live tensors; pickled and written by the
         # writer process, so the training thread pays only for the copy.
-        plain, tensors, specs, size = layout(capture(state))
+        plain, tensors, specs, size = layout(capture(state), _PLAIN_KEYS)
         buffer = self._buffer(size)
         # Every epoch has the same layout: the views into a reused buffer are made once.
         known = buffer.views if buffer.specs == specs else None

@@ -16,6 +16,7 @@ import io
 import itertools
 import os
 import pickle
+import select
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,10 @@ class Writer:
         os.close(from_child_w)
         self._send = Connection(to_child_w, readable=False)
         self._recv = Connection(from_child_r, writable=False)
+        # Asked once an epoch whether an answer came: one poll(2), where Connection.poll builds
+        # a selector each time.
+        self._answers = select.poll()
+        self._answers.register(from_child_r, select.POLLIN)
         self._lock = threading.Lock()
         self._tokens = itertools.count()
         self._results: dict[int, BaseException | None] = {}
@@ -115,7 +120,7 @@ class Writer:
     def result(self, token: int, block: bool) -> tuple[bool, BaseException | None]:
         """(done, error) for the write `token`; waits for it when `block`."""
         with self._lock:
-            while token not in self._results and (block or self._recv.poll()):
+            while token not in self._results and (block or self._answers.poll(0)):
                 try:
                     done, error = self._recv.recv()
                 except EOFError:
