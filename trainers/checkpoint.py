@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import math
 import os
 import random
@@ -337,7 +338,7 @@ def restore(state: State, payload: dict[str, Any]) -> None:
 def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state_all() if _cuda() else [],
         "python": _python_rng(),
         "shuffle": generator.get_state() if generator is not None else None,
         "numpy": None,
@@ -346,8 +347,9 @@ def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
         import numpy as np
 
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        # A tensor, so weights_only loading needs no NumPy globals.
-        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
+        # A tensor, so weights_only loading needs no NumPy globals; the uint32 words as int32
+        # (a view of the fresh array, no copy), which `set_rng_state` casts back bit for bit.
+        state["numpy"] = (kind, torch.from_numpy(keys.view(np.int32)), pos, has_gauss, cached)
     return state
 
 
@@ -367,11 +369,26 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> N
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+_python_keys: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+
 def _python_rng() -> tuple[int, torch.Tensor, float | None]:
     # 625 ints as one tensor: pickling them one by one costs more than the whole model.
+    global _python_keys
     version, keys, gauss = random.getstate()
+    last = _python_keys
+    if last is not None and last[0] == keys:  # the usual case: training code rarely draws from `random`
+        return version, last[1], gauss
     # Through an array: torch.tensor() of a 625-tuple converts int by int (40 us a checkpoint).
-    return version, torch.frombuffer(array.array("q", keys), dtype=torch.int64), gauss
+    tensor = torch.frombuffer(array.array("q", keys), dtype=torch.int64)
+    _python_keys = (keys, tensor)
+    return version, tensor, gauss
+
+
+@functools.cache
+def _cuda() -> bool:
+    # Asked once: is_available() costs tens of microseconds per checkpoint, and cannot change.
+    return torch.cuda.is_available()
 
 
 def _stateful(callbacks: list[Any]) -> list[tuple[str, Any]]:
