@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -250,6 +251,26 @@ def test_the_writer_process_exits_and_frees_its_buffers_when_its_parent_dies(tmp
     assert not Path(path).exists()
 
 
+
+
+def test_buffers_of_gone_processes_are_swept_and_those_of_live_ones_kept() -> None:
+    from trainers import writer
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    directory = writer._SHM if os.path.isdir(writer._SHM) else tempfile.gettempdir()
+    orphan = Path(directory, f"trainers-ckpt-{gone.pid}-0.buf")
+    mine = Path(directory, f"trainers-ckpt-{os.getpid()}-987654.buf")
+    other = Path(directory, f"not-ours-{gone.pid}-0.buf")
+    for path in (orphan, mine, other):
+        path.write_bytes(b"x")
+    try:
+        removed = writer.sweep_orphans()
+        assert str(orphan) in removed and not orphan.exists()
+        assert mine.exists() and other.exists()
+    finally:
+        for path in (orphan, mine, other):
+            path.unlink(missing_ok=True)
 
 
 def test_the_writer_process_outlives_ctrl_c_and_sigterm_sent_to_the_whole_group(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import io
 import itertools
 import os
 import pickle
+import re
 import select
 import subprocess
 import sys
@@ -140,8 +141,42 @@ def start() -> Writer:
     global _writer
     with _writer_lock:
         if _writer is None or not _writer.alive():
+            if _writer is None:
+                sweep_orphans()
             _writer = Writer()
         return _writer
+
+
+def sweep_orphans() -> list[str]:
+    """Deletes the buffers of training processes that are gone; returns their paths.
+
+    A writer deletes its dead parent's buffers, but when both were killed (kill -9 of a whole
+    job) nobody did, and /dev/shm is memory. Buffers of a live process are left alone.
+    """
+    removed = []
+    for directory in dict.fromkeys((_SHM, tempfile.gettempdir())):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(directory):
+                match = _BUFFER_NAME.fullmatch(name)
+                if match is None or _alive(int(match.group(1))):
+                    continue
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+                    removed.append(os.path.join(directory, name))
+    return removed
+
+
+_BUFFER_NAME = re.compile(r"trainers-ckpt-(\d+)-\d+\.buf")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def serve(read_fd: int, write_fd: int) -> None:
