@@ -253,23 +253,31 @@ def test_the_writer_process_exits_and_frees_its_buffers_when_its_parent_dies(tmp
 
 
 
-def test_buffers_of_gone_processes_are_swept_and_those_of_live_ones_kept() -> None:
+def test_buffers_whose_owner_lock_is_free_are_swept_and_those_of_live_owners_kept() -> None:
+    import fcntl
+
     from trainers import writer
 
-    gone = subprocess.Popen(["true"])
-    gone.wait()
+    writer._own()
     directory = writer._SHM if os.path.isdir(writer._SHM) else tempfile.gettempdir()
-    orphan = Path(directory, f"trainers-ckpt-{gone.pid}-0.buf")
-    mine = Path(directory, f"trainers-ckpt-{os.getpid()}-987654.buf")
-    other = Path(directory, f"not-ours-{gone.pid}-0.buf")
-    for path in (orphan, mine, other):
+    gone, alive = 2_000_000_001, 2_000_000_002  # above any pid: files made for this test only
+    files = {key: Path(directory, name) for key, name in {
+        "gone_lock": f"trainers-ckpt-{gone}.lock", "gone_buffer": f"trainers-ckpt-{gone}-0.buf",
+        "alive_lock": f"trainers-ckpt-{alive}.lock", "alive_buffer": f"trainers-ckpt-{alive}-0.buf",
+        "mine": f"trainers-ckpt-{os.getpid()}-987654.buf", "not_ours": f"not-ours-{gone}-0.buf"}.items()}
+    for path in files.values():
         path.write_bytes(b"x")
+    # A live owner (here: this test) holds a shared lock on its lock file, as a process and its writer do.
+    held = os.open(files["alive_lock"], os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_SH)
     try:
         removed = writer.sweep_orphans()
-        assert str(orphan) in removed and not orphan.exists()
-        assert mine.exists() and other.exists()
+        assert sorted(removed) == [str(files["gone_buffer"])]
+        assert not files["gone_lock"].exists()
+        assert all(files[key].exists() for key in ("alive_lock", "alive_buffer", "mine", "not_ours"))
     finally:
-        for path in (orphan, mine, other):
+        os.close(held)
+        for path in files.values():
             path.unlink(missing_ok=True)
 
 

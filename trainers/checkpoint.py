@@ -366,7 +366,7 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> N
             import numpy as np
 
             kind, keys, pos, has_gauss, cached = state["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+            np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 _python_keys: tuple[tuple[int, ...], torch.Tensor] | None = None

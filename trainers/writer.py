@@ -12,6 +12,7 @@ error or None. One child serves every trial of a process: it starts at the first
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import itertools
 import os
@@ -38,6 +39,7 @@ class Buffer:
 
     def __init__(self, nbytes: int, fallback_dir: Path) -> None:
         self.nbytes = max(nbytes, 1)
+        _own()
         name = f"trainers-ckpt-{os.getpid()}-{next(self._numbers)}.buf"
         for directory in (_SHM, tempfile.gettempdir(), str(fallback_dir)):
             path = os.path.join(directory, name)
@@ -84,7 +86,7 @@ class Writer:
                 f"from trainers.writer import serve; serve({to_child_r}, {from_child_w})")
         self._process = subprocess.Popen(
             [sys.executable, "-c", code],
-            pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            pass_fds=(to_child_r, from_child_w, _own()), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         )
         os.close(to_child_r)
         os.close(from_child_w)
@@ -141,42 +143,75 @@ def start() -> Writer:
     global _writer
     with _writer_lock:
         if _writer is None or not _writer.alive():
-            if _writer is None:
-                sweep_orphans()
             _writer = Writer()
         return _writer
 
 
 def sweep_orphans() -> list[str]:
-    """Deletes the buffers of training processes that are gone; returns their paths.
+    """Deletes the buffers of training processes that are gone, writer included; returns their paths.
 
     A writer deletes its dead parent's buffers, but when both were killed (kill -9 of a whole
-    job) nobody did, and /dev/shm is memory. Buffers of a live process are left alone.
+    job) nobody did, and /dev/shm is memory. Each process holds a shared lock on its
+    ``trainers-ckpt-<pid>.lock``, and so does its writer (the descriptor is inherited); buffers are
+    deleted only once an exclusive lock on it is granted, i.e. when neither holds it any more.
+    Process ids alone would not do: a container sharing /dev/shm sees other ids, and a writer
+    outlives its parent while it finishes the last writes.
     """
     removed = []
-    for directory in dict.fromkeys((_SHM, tempfile.gettempdir())):
-        with contextlib.suppress(OSError):
-            for name in os.listdir(directory):
-                match = _BUFFER_NAME.fullmatch(name)
-                if match is None or _alive(int(match.group(1))):
-                    continue
+    directories = list(dict.fromkeys((_SHM, tempfile.gettempdir())))
+    for directory in directories:
+        for name in _names(directory):
+            match = _LOCK_NAME.fullmatch(name)
+            if match is None:
+                continue
+            path = os.path.join(directory, name)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # its process or its writer is still there
+                prefix = f"trainers-ckpt-{match.group(1)}-"
+                for folder in directories:
+                    for other in _names(folder):
+                        if other.startswith(prefix) and other.endswith(".buf"):
+                            with contextlib.suppress(OSError):
+                                os.unlink(os.path.join(folder, other))
+                                removed.append(os.path.join(folder, other))
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(directory, name))
-                    removed.append(os.path.join(directory, name))
+                    os.unlink(path)
+            finally:
+                os.close(fd)
     return removed
 
 
-_BUFFER_NAME = re.compile(r"trainers-ckpt-(\d+)-\d+\.buf")
+_LOCK_NAME = re.compile(r"trainers-ckpt-(\d+)\.lock")
+_owner: tuple[int, int] | None = None  # (pid, descriptor of its held lock file)
+_owner_lock = threading.Lock()
 
 
-def _alive(pid: int) -> bool:
+def _own() -> int:
+    """This process's claim on its buffers (see `sweep_orphans`), taken before its first buffer
+    after sweeping those of owners that are gone; returns the lock's descriptor."""
+    global _owner
+    with _owner_lock:
+        if _owner is None or _owner[0] != os.getpid():  # a forked child claims its own
+            sweep_orphans()
+            directory = _SHM if os.path.isdir(_SHM) else tempfile.gettempdir()
+            fd = os.open(os.path.join(directory, f"trainers-ckpt-{os.getpid()}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            _owner = (os.getpid(), fd)
+        return _owner[1]
+
+
+def _names(directory: str) -> list[str]:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        return os.listdir(directory)
+    except OSError:
+        return []
 
 
 def serve(read_fd: int, write_fd: int) -> None:
