@@ -12,7 +12,7 @@ import pytest
 from conftest import _free_port, _wait_port, hpo, study_file
 from optuna.storages import JournalStorage, RDBStorage
 
-from hpo.storage import StorageError, open_storage, redact, resolve_url
+from hpo.storage import RDB_MAX_STALENESS, StorageError, open_storage, redact, refresh, resolve_url
 
 SECRET = "Tr0ub4dor-and-3"
 
@@ -48,8 +48,33 @@ def test_hpo_storage_env_var_sets_the_default(tmp_path: Path, monkeypatch) -> No
 
 def test_sqlite_url_is_an_rdb_storage(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path}/s.db")
-    assert isinstance(storage, RDBStorage)
+    assert isinstance(storage._backend, RDBStorage)
     roundtrip(storage)
+
+
+def test_database_reads_of_the_trial_list_may_be_a_window_old_but_never_miss_own_state_changes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    mine, theirs = open_storage(url), open_storage(url)  # two workers' storages
+    assert mine._max_staleness == RDB_MAX_STALENESS
+    mine._max_staleness = 3600.0  # a window no test step outlasts, however slow the machine
+    study = optuna.create_study(storage=mine, study_name="s")
+    other = optuna.load_study(study_name="s", storage=theirs)
+    assert study.trials == []  # the read that opens the window
+    other.tell(other.ask(), 1.0)
+    assert study.trials == []  # another worker's trial, within the window: not yet seen
+    refresh(mine)  # what the trial budget does under the study's lock
+    assert [t.value for t in study.trials] == [1.0]
+
+    trial = study.ask()
+    trial.report(0.5, step=0)
+    assert study._storage.get_trial(trial._trial_id).intermediate_values == {0: 0.5}  # a running trial: fresh
+    study.tell(trial, 2.0)
+    assert [t.value for t in study.trials] == [1.0, 2.0]  # its own state change: seen at once
+
+    other.tell(other.ask(), 3.0)
+    assert [t.value for t in study.trials] == [1.0, 2.0]
+    mine._max_staleness = 0.0  # the window has passed
+    assert [t.value for t in study.trials] == [1.0, 2.0, 3.0]
 
 
 def test_redis_url_is_a_journal_with_optunas_key_layout(redis_url: str) -> None:
@@ -71,13 +96,13 @@ def test_redis_prefix_from_the_url(redis_url: str) -> None:
 
 def test_postgresql_url_is_an_rdb_storage(postgres_url: str) -> None:
     storage = open_storage(postgres_url)
-    assert isinstance(storage, RDBStorage)
+    assert isinstance(storage._backend, RDBStorage)
     roundtrip(storage)
 
 
 def test_mysql_url_is_an_rdb_storage(mysql_url: str) -> None:
     storage = open_storage(mysql_url)
-    assert isinstance(storage, RDBStorage)
+    assert isinstance(storage._backend, RDBStorage)
     roundtrip(storage)
 
 
