@@ -178,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
     from hpo.config import load_config
     from hpo.progress import StudyProgress
     from hpo.report import status_text
-    from hpo.storage import open_storage, redact, resolve_url
+    from hpo.storage import open_storage, redact, refresh, resolve_url
     from hpo.worker import run_worker
 
     config = load_config(args.file)
@@ -209,6 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         for child in children:
             child.join()
+    refresh(study._storage)
     print(status_text(study, config))
     print(f"wall time {time.perf_counter() - started:.1f}s")
     if summary.interrupted:

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hpo.config import Config
 from hpo.report import describe_trial, status_counts
+from hpo.storage import refresh
 
 
 class StudyProgress:
@@ -45,6 +46,7 @@ class StudyProgress:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        refresh(self.study._storage)  # the workers wrote through storages of their own
         self.poll()
         self._bar.stop()
 

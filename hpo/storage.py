@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages.journal import JournalFileBackend
@@ -252,11 +253,11 @@ class _RecentReads(_CachedStorage):
     TPE (with constant liar) reads the whole study twice per trial and the pruner once more; each
     read costs 5-10 ms of SQLAlchemy on PostgreSQL, which was a fifth of a worker's CPU per trial.
     Other workers' writes of the last 50 ms may be missed, as by a read that came 50 ms earlier.
-    A trial this process creates is in the list at once (Optuna's cache adds it); its state changes
-    and user attributes make the next read fresh; its parameters, intermediate values and system
-    attributes (TPE's, written as it samples) may show a window late in the list, never in
-    `get_trial`, which reads a running trial from the database. The trial budget reads fresh
-    (`refresh`, under the study's lock).
+    A trial this process creates is in the list at once (Optuna's cache adds it); its parameters,
+    attributes and state changes make the next read fresh (trials sampled together, as population
+    mode does, must see each other's parameters for constant liar and the grid sampler). Only its
+    intermediate values may show a window late in the list, never in `get_trial`, which reads a
+    running trial from the database. The trial budget reads fresh (`refresh`, under the study's lock).
     """
 
     def __init__(self, backend: RDBStorage, max_staleness: float) -> None:
@@ -266,13 +267,19 @@ class _RecentReads(_CachedStorage):
         # Reads sent before this moment are not trusted: a write or `refresh` came after them.
         self._fresh_after = time.monotonic()
 
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        # Another process's monotonic clock: its times mean nothing here.
+        self._read_at, self._fresh_after = {}, time.monotonic()
+
     def refresh(self) -> None:
         self._fresh_after = time.monotonic()
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
         sent = time.monotonic()
         last = self._read_at.get(study_id)
-        if last is not None and last > self._fresh_after and sent - last < self._max_staleness:
+        if (last is not None and last > self._fresh_after and 0 <= sent - last < self._max_staleness
+                and study_id in self._studies):
             return
         super()._read_trials_from_remote_storage(study_id)
         self._read_at[study_id] = sent
@@ -286,6 +293,19 @@ class _RecentReads(_CachedStorage):
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         try:
             super().set_trial_user_attr(trial_id, key, value)
+        finally:
+            self.refresh()
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        try:
+            super().set_trial_system_attr(trial_id, key, value)
+        finally:
+            self.refresh()
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
+                        distribution: BaseDistribution) -> None:
+        try:
+            super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
         finally:
             self.refresh()
 

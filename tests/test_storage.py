@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_sqlite_url_is_an_rdb_storage(tmp_path: Path) -> None:
     roundtrip(storage)
 
 
-def test_database_reads_of_the_trial_list_may_be_a_window_old_but_never_miss_own_state_changes(tmp_path: Path) -> None:
+def test_database_reads_of_the_trial_list_may_be_a_window_old_but_never_miss_own_writes(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     mine, theirs = open_storage(url), open_storage(url)  # two workers' storages
     assert mine._max_staleness == RDB_MAX_STALENESS
@@ -66,6 +67,9 @@ def test_database_reads_of_the_trial_list_may_be_a_window_old_but_never_miss_own
     assert [t.value for t in study.trials] == [1.0]
 
     trial = study.ask()
+    x = trial.suggest_float("x", 0, 1)
+    # Its own new trial and parameters: seen at once (trials sampled together must see each other's).
+    assert study.trials[-1].params == {"x": x}
     trial.report(0.5, step=0)
     assert study._storage.get_trial(trial._trial_id).intermediate_values == {0: 0.5}  # a running trial: fresh
     study.tell(trial, 2.0)
@@ -75,6 +79,8 @@ def test_database_reads_of_the_trial_list_may_be_a_window_old_but_never_miss_own
     assert [t.value for t in study.trials] == [1.0, 2.0]
     mine._max_staleness = 0.0  # the window has passed
     assert [t.value for t in study.trials] == [1.0, 2.0, 3.0]
+    # Read times are of this process's clock: a copy in another process starts without them.
+    assert pickle.loads(pickle.dumps(mine))._read_at == {}
 
 
 def test_redis_url_is_a_journal_with_optunas_key_layout(redis_url: str) -> None:
