@@ -130,7 +130,7 @@ class Population:
         try:
             vectorized.check_hparams(params, self.config.trainer)
             if seed is not None:
-                torch.manual_seed(seed)  # the weights this trial would start from alone
+                objective.seed_torch(seed)  # the weights this trial would start from alone
             member.model = self.task.model(params, self.task.data(params))
             vectorized.check_model(member.model)
             member.signature = vectorized.signature(member.model)
