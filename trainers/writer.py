@@ -219,6 +219,13 @@ def serve(read_fd: int, write_fd: int) -> None:
     from trainers.checkpoint import _atomic_write
 
     torch.set_num_threads(1)
+    # torch.load never checks the zip's CRC-32 (a flipped byte in a tensor loads without a word),
+    # so computing it was a quarter of this process's CPU per checkpoint, taken from the training
+    # process's neighbour core for nothing; the rename is what keeps a file whole.
+    with contextlib.suppress(ImportError, AttributeError):
+        import torch.utils.serialization.config as serialization
+
+        serialization.save.compute_crc32 = False
     # Background work: woken by the parent's message, a child at the same priority may take the
     # parent's core at once (the scheduler places a woken task near its waker) and stall the
     # training thread for the whole pickling; at the lowest priority it waits for a free core.
