@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -253,32 +252,48 @@ def test_the_writer_process_exits_and_frees_its_buffers_when_its_parent_dies(tmp
 
 
 
-def test_buffers_whose_owner_lock_is_free_are_swept_and_those_of_live_owners_kept() -> None:
+def test_buffers_whose_owner_lock_is_free_are_swept_and_those_of_live_owners_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import fcntl
 
     from trainers import writer
 
-    writer._own()
-    directory = writer._SHM if os.path.isdir(writer._SHM) else tempfile.gettempdir()
-    gone, alive = 2_000_000_001, 2_000_000_002  # above any pid: files made for this test only
-    files = {key: Path(directory, name) for key, name in {
-        "gone_lock": f"trainers-ckpt-{gone}.lock", "gone_buffer": f"trainers-ckpt-{gone}-0.buf",
-        "alive_lock": f"trainers-ckpt-{alive}.lock", "alive_buffer": f"trainers-ckpt-{alive}-0.buf",
-        "mine": f"trainers-ckpt-{os.getpid()}-987654.buf", "not_ours": f"not-ours-{gone}-0.buf"}.items()}
+    monkeypatch.setattr(writer, "_SHM", str(tmp_path))  # not the machine's /dev/shm: other runs use it
+    files = {key: tmp_path / name for key, name in {
+        "gone_lock": "trainers-ckpt-101.lock", "gone_buffer": "trainers-ckpt-101-0.buf",
+        "alive_lock": "trainers-ckpt-102.lock", "alive_buffer": "trainers-ckpt-102-0.buf",
+        "unclaimed": "trainers-ckpt-103-0.buf", "not_ours": "not-ours-101-0.buf"}.items()}
     for path in files.values():
         path.write_bytes(b"x")
     # A live owner (here: this test) holds a shared lock on its lock file, as a process and its writer do.
     held = os.open(files["alive_lock"], os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_SH)
     try:
-        removed = writer.sweep_orphans()
-        assert sorted(removed) == [str(files["gone_buffer"])]
+        assert writer.sweep_orphans() == [str(files["gone_buffer"])]
         assert not files["gone_lock"].exists()
-        assert all(files[key].exists() for key in ("alive_lock", "alive_buffer", "mine", "not_ours"))
+        assert all(files[key].exists() for key in ("alive_lock", "alive_buffer", "unclaimed", "not_ours"))
     finally:
         os.close(held)
-        for path in files.values():
-            path.unlink(missing_ok=True)
+    assert sorted(writer.sweep_orphans()) == [str(files["alive_buffer"])]  # its owner has gone now
+
+
+def test_a_process_claims_its_buffers_with_a_lock_its_writer_shares(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    from trainers import writer
+
+    monkeypatch.setattr(writer, "_SHM", str(tmp_path))
+    monkeypatch.setattr(writer, "_owner", None)
+    fd = writer._own()
+    lock = tmp_path / f"trainers-ckpt-{os.getpid()}.lock"
+    assert fd is not None and lock.exists()
+    other = os.open(lock, os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):  # held: a sweeper cannot take it
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(other)
+        os.close(fd)
 
 
 def test_the_writer_process_outlives_ctrl_c_and_sigterm_sent_to_the_whole_group(tmp_path: Path) -> None:

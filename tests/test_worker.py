@@ -272,3 +272,14 @@ def test_status_lists_every_trial_a_population_worker_holds(tmp_path: Path) -> N
     assert "w0: running #0, #1, heartbeat" in status_text(study, config)
     study.tell(held[0], 0.5)
     assert "w0: running #1, heartbeat" in status_text(study, config)
+
+
+def test_trial_seeding_leaves_torch_as_manual_seed_does() -> None:
+    import torch
+
+    from hpo.objective import seed_torch
+
+    seed_torch(5)
+    ours = torch.rand(4)
+    torch.manual_seed(5)
+    assert torch.equal(ours, torch.rand(4))

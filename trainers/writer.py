@@ -76,6 +76,9 @@ class Writer:
         from_child_r, from_child_w = os.pipe()
         # The child imports this package the way the parent did, whatever sys.path hacks got it here.
         root = str(Path(__file__).resolve().parents[1])
+        # The child holds the parent's claim on its buffers too, so that they outlive the parent
+        # until the child has written the last of them.
+        claim = [fd] if (fd := _own()) is not None else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         # Ctrl-C reaches the whole process group, and a batch scheduler's SIGTERM often every
         # process of the job: the parent then saves a last checkpoint, which the child must still
@@ -86,7 +89,7 @@ class Writer:
                 f"from trainers.writer import serve; serve({to_child_r}, {from_child_w})")
         self._process = subprocess.Popen(
             [sys.executable, "-c", code],
-            pass_fds=(to_child_r, from_child_w, _own()), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            pass_fds=(to_child_r, from_child_w, *claim), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         )
         os.close(to_child_r)
         os.close(from_child_w)
@@ -148,63 +151,86 @@ def start() -> Writer:
 
 
 def sweep_orphans() -> list[str]:
-    """Deletes the buffers of training processes that are gone, writer included; returns their paths.
+    """Deletes the /dev/shm buffers of training processes that are gone, writer included; returns
+    their paths.
 
     A writer deletes its dead parent's buffers, but when both were killed (kill -9 of a whole
     job) nobody did, and /dev/shm is memory. Each process holds a shared lock on its
-    ``trainers-ckpt-<pid>.lock``, and so does its writer (the descriptor is inherited); buffers are
-    deleted only once an exclusive lock on it is granted, i.e. when neither holds it any more.
-    Process ids alone would not do: a container sharing /dev/shm sees other ids, and a writer
-    outlives its parent while it finishes the last writes.
+    ``trainers-ckpt-<pid>.lock`` there, and so does its writer (the descriptor is inherited);
+    buffers are deleted only once an exclusive lock on it is granted, i.e. when neither holds it
+    any more. Process ids alone would not do: a container sharing /dev/shm sees other ids, and a
+    writer outlives its parent while it finishes the last writes. Only /dev/shm is swept: a buffer
+    that fell back to a disk directory (no room in /dev/shm) is where the lock is not.
     """
     removed = []
-    directories = list(dict.fromkeys((_SHM, tempfile.gettempdir())))
-    for directory in directories:
-        for name in _names(directory):
-            match = _LOCK_NAME.fullmatch(name)
-            if match is None:
-                continue
-            path = os.path.join(directory, name)
+    for name in _names(_SHM):
+        match = _LOCK_NAME.fullmatch(name)
+        if match is None:
+            continue
+        path = os.path.join(_SHM, name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
             try:
-                fd = os.open(path, os.O_RDWR)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                continue
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # its process or its writer is still there
-                prefix = f"trainers-ckpt-{match.group(1)}-"
-                for folder in directories:
-                    for other in _names(folder):
-                        if other.startswith(prefix) and other.endswith(".buf"):
-                            with contextlib.suppress(OSError):
-                                os.unlink(os.path.join(folder, other))
-                                removed.append(os.path.join(folder, other))
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            finally:
-                os.close(fd)
+                continue  # its process or its writer is still there
+            if not _same_file(fd, path):
+                continue  # swept meanwhile by another process; the name may be a new owner's now
+            prefix = f"trainers-ckpt-{match.group(1)}-"
+            for other in _names(_SHM):
+                if other.startswith(prefix) and other.endswith(".buf"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(_SHM, other))
+                        removed.append(os.path.join(_SHM, other))
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        finally:
+            os.close(fd)
     return removed
 
 
 _LOCK_NAME = re.compile(r"trainers-ckpt-(\d+)\.lock")
-_owner: tuple[int, int] | None = None  # (pid, descriptor of its held lock file)
+_owner: tuple[int, int | None] | None = None  # (pid, descriptor of its held lock file, if any)
 _owner_lock = threading.Lock()
 
 
-def _own() -> int:
-    """This process's claim on its buffers (see `sweep_orphans`), taken before its first buffer
-    after sweeping those of owners that are gone; returns the lock's descriptor."""
+def _own() -> int | None:
+    """This process's claim on its /dev/shm buffers (see `sweep_orphans`), taken before its first
+    buffer after sweeping those of owners that are gone; returns the lock's descriptor, or None
+    where /dev/shm cannot hold one (its buffers then go elsewhere or stay unclaimed)."""
     global _owner
     with _owner_lock:
         if _owner is None or _owner[0] != os.getpid():  # a forked child claims its own
             sweep_orphans()
-            directory = _SHM if os.path.isdir(_SHM) else tempfile.gettempdir()
-            fd = os.open(os.path.join(directory, f"trainers-ckpt-{os.getpid()}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            _owner = (os.getpid(), fd)
+            _owner = (os.getpid(), _lock_file(os.path.join(_SHM, f"trainers-ckpt-{os.getpid()}.lock")))
         return _owner[1]
+
+
+def _lock_file(path: str) -> int | None:
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            os.close(fd)
+            return None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)  # a sweeper unlinked it between our open and our lock: take the new one
+    return None
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except OSError:
+        return False
 
 
 def _names(directory: str) -> list[str]:
