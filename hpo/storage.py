@@ -97,8 +97,9 @@ _LOCAL_LOCK = threading.Lock()
 
 
 def refresh(storage: BaseStorage) -> None:
-    """Makes the next read of `storage` see every write so far: hpo's Redis journal otherwise
-    serves a read from its last reply when that is under `REDIS_MAX_STALENESS` old."""
+    """Makes the next read of `storage` see every write so far: hpo's Redis journal and its
+    database storages otherwise serve a read of the trial list from the last one when that is
+    under `REDIS_MAX_STALENESS` / `RDB_MAX_STALENESS` old."""
     backend = getattr(storage, "_backend", None)
     if isinstance(backend, RedisJournalBackend):
         backend.refresh()
@@ -284,29 +285,24 @@ class _RecentReads(_CachedStorage):
         super()._read_trials_from_remote_storage(study_id)
         self._read_at[study_id] = sent
 
+    # This process's writes that its next read of the trial list must see.
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
-        try:
-            return super().set_trial_state_values(trial_id, state=state, values=values)
-        finally:
-            self.refresh()
+        return self._then_refresh(super().set_trial_state_values, trial_id, state, values)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        try:
-            super().set_trial_user_attr(trial_id, key, value)
-        finally:
-            self.refresh()
+        self._then_refresh(super().set_trial_user_attr, trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        try:
-            super().set_trial_system_attr(trial_id, key, value)
-        finally:
-            self.refresh()
+        self._then_refresh(super().set_trial_system_attr, trial_id, key, value)
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: BaseDistribution) -> None:
+        self._then_refresh(super().set_trial_param, trial_id, param_name, param_value_internal, distribution)
+
+    def _then_refresh(self, write: Callable[..., Any], *args: Any) -> Any:
         try:
-            super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
-        finally:
+            return write(*args)
+        finally:  # a write that failed may still have reached the database
             self.refresh()
 
 

@@ -250,8 +250,6 @@ def test_the_writer_process_exits_and_frees_its_buffers_when_its_parent_dies(tmp
     assert not Path(path).exists()
 
 
-
-
 def test_buffers_whose_owner_lock_is_free_are_swept_and_those_of_live_owners_kept(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import fcntl

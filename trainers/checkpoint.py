@@ -46,8 +46,6 @@ FORMAT = 2  # 2: tensors packed in flat buffers (`pack`); 1: torch.save of the n
 # Offsets in a packed buffer are multiples of this, so that every dtype can view its slice.
 _ALIGN = 16
 _ATOMS = frozenset({int, float, bool, str, type(None)})
-_DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in
-                (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool)}
 # Values of the metrics and their history: plain numbers, which `layout` need not search.
 _PLAIN_KEYS = ("metrics", "history")
 
@@ -92,8 +90,7 @@ def layout(payload: dict[str, Any], plain: tuple[str, ...] = ()
     state = {key: value if key in plain else _strip(value, (key,), found) for key, value in payload.items()}
     specs, size = [], 0
     for path, tensor in found:
-        specs.append((path, _DTYPE_NAMES.get(tensor.dtype) or str(tensor.dtype).removeprefix("torch."),
-                      tuple(tensor.shape), size))
+        specs.append((path, _dtype_name(tensor.dtype), tuple(tensor.shape), size))
         size += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
     return state, [tensor for _, tensor in found], specs, size
 
@@ -134,6 +131,11 @@ def unpack(packed: dict[str, Any]) -> dict[str, Any]:
     tensors = {tuple(path): _view(buffer, getattr(torch, dtype), shape, offset).clone()
                for path, dtype, shape, offset in packed["tensors"]}
     return _fill(packed["state"], (), tensors)
+
+
+@functools.cache
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _view(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> torch.Tensor:
@@ -369,20 +371,11 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> N
             np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-_python_keys: tuple[tuple[int, ...], torch.Tensor] | None = None
-
-
 def _python_rng() -> tuple[int, torch.Tensor, float | None]:
     # 625 ints as one tensor: pickling them one by one costs more than the whole model.
-    global _python_keys
     version, keys, gauss = random.getstate()
-    last = _python_keys
-    if last is not None and last[0] == keys:  # the usual case: training code rarely draws from `random`
-        return version, last[1], gauss
     # Through an array: torch.tensor() of a 625-tuple converts int by int (40 us a checkpoint).
-    tensor = torch.frombuffer(array.array("q", keys), dtype=torch.int64)
-    _python_keys = (keys, tensor)
-    return version, tensor, gauss
+    return version, torch.frombuffer(array.array("q", keys), dtype=torch.int64), gauss
 
 
 @functools.cache

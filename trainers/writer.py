@@ -163,7 +163,8 @@ def sweep_orphans() -> list[str]:
     that fell back to a disk directory (no room in /dev/shm) is where the lock is not.
     """
     removed = []
-    for name in _names(_SHM):
+    names = _names(_SHM)
+    for name in names:
         match = _LOCK_NAME.fullmatch(name)
         if match is None:
             continue
@@ -179,8 +180,10 @@ def sweep_orphans() -> list[str]:
                 continue  # its process or its writer is still there
             if not _same_file(fd, path):
                 continue  # swept meanwhile by another process; the name may be a new owner's now
+            # Listed before the lock was taken: a new owner of the same pid makes buffers only
+            # after it holds the lock, which it cannot while this sweep holds it.
             prefix = f"trainers-ckpt-{match.group(1)}-"
-            for other in _names(_SHM):
+            for other in names:
                 if other.startswith(prefix) and other.endswith(".buf"):
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(_SHM, other))
