@@ -272,6 +272,8 @@ def main() -> None:
                 continue
             if name in results:
                 results[name].append(json.loads(out.stdout.strip().splitlines()[-1])["per_epoch"])
+                # As it comes, so that a run cut short still leaves its figures.
+                print(f"  {name}: {results[name][-1] * 1e3:.2f} ms/epoch", file=sys.stderr, flush=True)
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     import torch
 

@@ -13,6 +13,10 @@ For each: wall time, trials per hour, the ratio, the best value reached (study q
 time until a target accuracy was first reached, and the mean group size.
 
     python scripts/bench_vectorized.py [--trials 40] [--epochs 20] [--width 8|auto] [--lookahead 1] [--rounds 3] [--spaces shipped fixed-arch]
+
+On a GPU, the digits MLP and the small conv net of search_spaces/digits_conv.yaml, in bf16:
+
+    python scripts/bench_vectorized.py --device cuda --precision bf16-mixed --model mlp conv --width auto --trials 96
 """
 
 from __future__ import annotations
@@ -33,31 +37,38 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import trainers  # noqa: E402
 from hpo import coordinator, worker  # noqa: E402
 from hpo.config import load_config  # noqa: E402
+from hpo.examples.images import convnet, digits_images  # noqa: E402
 from hpo.examples.tabular import digits, mlp  # noqa: E402
 from hpo.storage import open_storage  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXED_MODEL = {"layers": 2, "width": 64, "activation": "relu", "dropout": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.05}}
+DROPOUT = {"type": "float", "low": 0.0, "high": 0.5, "step": 0.05}
+# Per model: its shipped study, and the architecture that the fixed-arch space pins.
+MODELS = {
+    "mlp": ("digits_mlp.yaml", {"layers": 2, "width": 64, "activation": "relu", "dropout": DROPOUT}),
+    "conv": ("digits_conv.yaml", {"blocks": 2, "channels": 16, "activation": "relu", "dropout": DROPOUT}),
+}
+# The run's settings: device, precision and the population's lookahead.
+SETTINGS = {"lookahead": 1, "device": "cpu", "precision": "32"}
 
 
-LOOKAHEAD = {"value": 1}
-
-
-def study_raw(space: str, trials: int, epochs: int, width: str | None) -> dict:
-    with open(os.path.join(ROOT, "search_spaces", "digits_mlp.yaml")) as f:
+def study_raw(space: str, trials: int, epochs: int, width: str | None, model: str = "mlp") -> dict:
+    shipped, fixed = MODELS[model]
+    with open(os.path.join(ROOT, "search_spaces", shipped)) as f:
         raw = yaml.safe_load(f)
-    raw["study"].update({"name": f"bench-{space}-{'solo' if width is None else 'vec'}", "n_trials": trials})
-    raw["trainer"].update({"epochs": epochs, "device": "cpu", "threads": 1})
+    raw["study"].update({"name": f"bench-{model}-{space}-{'solo' if width is None else 'vec'}", "n_trials": trials})
+    raw["trainer"].update({"epochs": epochs, "device": SETTINGS["device"], "threads": 1, "precision": SETTINGS["precision"]})
     if space == "fixed-arch":
-        raw["space"]["model"] = dict(FIXED_MODEL)
+        raw["space"]["model"] = dict(fixed)
         raw["baseline"][0]["model"] = {"dropout": 0.1}
     if width is not None:
-        raw["study"]["vectorize"] = {"width": width if width == "auto" else int(width), "lookahead": LOOKAHEAD["value"]}
+        raw["study"]["vectorize"] = {"width": width if width == "auto" else int(width), "lookahead": SETTINGS["lookahead"]}
     return raw
 
 
-def run(space: str, trials: int, epochs: int, width: str | None, target: float, tmp: str, round_: int = 0) -> dict:
-    raw = study_raw(space, trials, epochs, width)
+def run(space: str, trials: int, epochs: int, width: str | None, target: float, tmp: str, round_: int = 0,
+        model: str = "mlp") -> dict:
+    raw = study_raw(space, trials, epochs, width, model)
     raw["study"]["name"] += f"-{round_}"
     path = os.path.join(tmp, raw["study"]["name"] + ".yaml")
     with open(path, "w") as f:
@@ -90,14 +101,14 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
 
 
-def warm_up() -> None:
+def warm_up(model: str) -> None:
     """One short fit and one stacked step first, so neither side pays torch's first-call costs."""
-    data = digits()
-    config = trainers.TrainerConfig(epochs=1, device="cpu", threads=1)
-    trainers.fit(mlp({}, data), data, config)
     from trainers.vectorized import Slot, fit_stacked
 
-    fit_stacked([mlp({}, data) for _ in range(2)], [Slot(i, {}) for i in range(2)], data, config)
+    data, build = (digits_images(), convnet) if model == "conv" else (digits(), mlp)
+    config = trainers.TrainerConfig(epochs=1, device=SETTINGS["device"], threads=1, precision=SETTINGS["precision"])
+    trainers.fit(build({}, data), data, config)
+    fit_stacked([build({}, data) for _ in range(2)], [Slot(i, {}) for i in range(2)], data, config)
 
 
 def main() -> None:
@@ -109,24 +120,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs per side; the median is shown")
     parser.add_argument("--target", type=float, default=0.975, help="validation accuracy for the time-to-target column")
     parser.add_argument("--spaces", nargs="+", default=["shipped", "fixed-arch"], choices=["shipped", "fixed-arch"])
+    parser.add_argument("--model", nargs="+", default=["mlp"], choices=list(MODELS),
+                        help="mlp: search_spaces/digits_mlp.yaml; conv: search_spaces/digits_conv.yaml")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     args = parser.parse_args()
-    LOOKAHEAD["value"] = args.lookahead
+    SETTINGS.update(lookahead=args.lookahead, device=args.device, precision=args.precision)
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warm_up()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for space in args.spaces:
-            runs: dict[str, list[dict]] = {"solo": [], "vec": []}
-            for r in range(args.rounds):
-                # Alternating which side goes first, so drifting machine load hits both alike.
-                order = [("solo", None), ("vec", args.width)][:: 1 if r % 2 == 0 else -1]
-                for mode, width in order:
-                    runs[mode].append(run(space, args.trials, args.epochs, width, args.target, tmp, r))
-            rows.append((space, median_run(runs["solo"]), median_run(runs["vec"])))
-    print(f"digits MLP, {args.trials} trials x {args.epochs} epochs, CPU, 1 thread, TPE seed 0, median pruner, "
-          f"median of {args.rounds} rounds, lookahead {args.lookahead}\n")
-    print("| space | mode | wall s | trials/hour | ratio | trial-epochs/s | ratio | best val_accuracy | s to reach "
+        for model in args.model:
+            warm_up(model)
+            for space in args.spaces:
+                runs: dict[str, list[dict]] = {"solo": [], "vec": []}
+                for r in range(args.rounds):
+                    # Alternating which side goes first, so drifting machine load hits both alike.
+                    order = [("solo", None), ("vec", args.width)][:: 1 if r % 2 == 0 else -1]
+                    for mode, width in order:
+                        runs[mode].append(run(space, args.trials, args.epochs, width, args.target, tmp, r, model))
+                rows.append((f"{model} {space}", median_run(runs["solo"]), median_run(runs["vec"])))
+    where = "CPU, 1 thread" if args.device == "cpu" else f"{torch.cuda.get_device_name(args.device)}, {args.precision}"
+    print(f"digits {'/'.join(args.model)}, {args.trials} trials x {args.epochs} epochs, {where}, TPE seed 0, "
+          f"median pruner, median of {args.rounds} rounds, lookahead {args.lookahead}\n")
+    print("| model and space | mode | wall s | trials/hour | ratio | trial-epochs/s | ratio | best val_accuracy | s to reach "
           f"{args.target} | pruned | mean group |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 

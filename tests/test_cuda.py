@@ -1,0 +1,164 @@
+"""The loop, checkpoints, precision and population mode on a CUDA device.
+
+CI has no GPU, so these skip there; they run wherever torch sees one (scripts/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from conftest import ROOT, hpo
+from optuna.trial import TrialState
+from torch import nn
+
+import trainers
+from hpo.examples.images import convnet, digits_images
+from hpo.storage import open_storage
+from trainers import checkpoint
+from trainers.vectorized import Slot, StackedTrainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_data(n: int = 256, n_val: int = 64) -> trainers.Data:
+    g = torch.Generator().manual_seed(0)
+    x, xv = torch.randn(n, 8, generator=g), torch.randn(n_val, 8, generator=g)
+    w = torch.randn(8, 3, generator=g)
+    return trainers.Data((x, (x @ w).argmax(1)), (xv, (xv @ w).argmax(1)))
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt:
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, state: trainers.State) -> None:
+        if state.epoch == self.epoch:
+            raise Crash
+
+
+def test_a_run_resumed_on_cuda_continues_the_uninterrupted_curve(tmp_path: Path) -> None:
+    settings = dict(epochs=6, batch_size=32, seed=7, device="cuda", optimizer="adamw",
+                    scheduler={"name": "cosine", "warmup_steps": 5})
+    straight_model = make_model()
+    straight = trainers.fit(straight_model, make_data(), trainers.TrainerConfig(**settings, checkpoint_dir=str(tmp_path / "a")))
+    assert next(straight_model.parameters()).device.type == "cuda"
+
+    config = trainers.TrainerConfig(**settings, checkpoint_dir=str(tmp_path / "b"))
+    with pytest.raises(Crash):
+        trainers.fit(make_model(), make_data(), config, [CrashAt(3)])
+    saved = checkpoint.load(tmp_path / "b" / "last.pt")
+    assert saved["epoch"] == 2 and all(t.device.type == "cpu" for t in saved["model"].values())
+    torch.manual_seed(123)  # the resumed process's own RNG state must not matter, the CUDA one included
+    torch.cuda.manual_seed_all(123)
+    resumed_model = make_model(99)
+    resumed = trainers.fit(resumed_model, make_data(), config)
+
+    assert resumed.resumed
+    for a, b in zip(straight.history, resumed.history, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_scaler_on_cuda_skips_the_step_with_an_inf_gradient() -> None:
+    model = make_model()
+    scales: list[float] = []
+
+    class Watch:
+        def on_batch_start(self, state: trainers.State) -> None:
+            scales.append(state.scaler.get_scale())
+
+    calls = iter(range(100))
+    model[0].weight.register_hook(lambda g: g * math.inf if next(calls) == 2 else g)
+    config = trainers.TrainerConfig(epochs=1, batch_size=64, device="cuda", precision="fp16-mixed", seed=0)
+    state = trainers.fit(model, make_data(), config, [Watch()])
+    assert scales[3] == scales[2] / 2
+    assert math.isfinite(state.metrics["train_loss"])
+
+
+def test_bf16_mixed_on_cuda_runs_the_forward_in_bfloat16() -> None:
+    dtypes: list[torch.dtype] = []
+    model = make_model()
+    model[0].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    state = trainers.fit(model, make_data(), trainers.TrainerConfig(epochs=2, device="cuda", precision="bf16-mixed"))
+    assert set(dtypes) == {torch.bfloat16} and math.isfinite(state.metrics["val_loss"])
+
+
+def test_cuda_out_of_memory_is_reported_as_such() -> None:
+    class Greedy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch.empty(1 << 50, dtype=torch.uint8, device=x.device)  # a petabyte
+            return self.linear(x)
+
+    with pytest.raises(trainers.OutOfMemoryError, match=r"^out of memory on cuda(:0)? at epoch 0, optimizer step 0 \(batch_size 64"):
+        trainers.fit(Greedy(), make_data(), trainers.TrainerConfig(epochs=1, device="cuda"))
+    # The loop freed what it could: the next fit on the same device runs.
+    trainers.fit(make_model(), make_data(), trainers.TrainerConfig(epochs=1, device="cuda"))
+
+
+def test_a_compiled_channels_last_conv_net_trains_in_bf16() -> None:
+    data = digits_images()
+    config = trainers.TrainerConfig(epochs=2, device="cuda", precision="bf16-mixed", compile=True, channels_last=True, seed=0)
+    state = trainers.fit(convnet({}, data), data, config)
+    assert state.metrics["val_accuracy"] > 0.8
+
+
+def test_grouped_training_on_cuda_gives_each_trial_its_solo_curve() -> None:
+    data = digits_images()
+    config = trainers.TrainerConfig(epochs=3, batch_size=64, device="cuda")
+    seeds = [1, 2, 3, 4]
+    hparams = [{"lr": lr, "optimizer": {"name": "adam", "betas": (0.9, 0.99)}} for lr in (1e-3, 2e-3, 3e-3, 5e-3)]
+    models = []
+    for s in seeds:
+        torch.manual_seed(s)
+        models.append(convnet({"model": {"channels": 8}}, data))
+    trainer = StackedTrainer(data, config, per_slot_data=True)
+    trainer.start([copy.deepcopy(m) for m in models], [Slot(key=i, hparams=h, seed=s) for i, (h, s) in enumerate(zip(hparams, seeds))])
+    for _ in range(config.epochs):
+        trainer.train_epoch()
+    for i, (model, seed) in enumerate(zip(models, seeds)):
+        state = trainers.fit(model, data, dataclasses.replace(config, seed=seed), hparams=hparams[i])
+        for solo_epoch, slot_epoch in zip(state.history, trainer.slots[i].history, strict=True):
+            for name, value in solo_epoch.items():
+                # Grouped and solo convolutions take different cuDNN kernels: equal up to float32
+                # rounding, which may flip a prediction or two (1/450 of accuracy each).
+                assert slot_epoch[name] == pytest.approx(value, rel=2e-3, abs=5e-3), (i, name)
+
+
+@pytest.mark.e2e
+def test_hpo_run_in_population_mode_on_cuda_in_bf16(tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "search_spaces" / "digits_conv.yaml").read_text())
+    raw["study"].update(name="conv-cuda", n_trials=12, vectorize={"width": "auto"})
+    raw["trainer"].update(epochs=4, device="cuda", precision="bf16-mixed")
+    path = tmp_path / "conv.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = hpo("run", str(path), cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="conv-cuda", storage=open_storage(str(tmp_path / "hpo.journal")))
+    trials = study.get_trials()
+    assert len(trials) == 12 and {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert study.best_value > 0.8
+    widths = {t.user_attrs["hpo:vectorize"]["width"] for t in trials}
+    assert len(widths) == 1 and widths.pop() >= 2
+    print("auto width on", torch.cuda.get_device_name(), json.dumps(trials[0].user_attrs["hpo:vectorize"]))
