@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from typing import Any
@@ -147,6 +148,50 @@ def test_grouped_training_gives_each_trial_its_solo_curve_and_weights(make) -> N
         stacked = trainer.model.slot_state_dict(i)
         for name, value in state.model.state_dict().items():
             torch.testing.assert_close(stacked[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_slots_scale_their_own_losses_and_skip_only_their_own_overflowing_step() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu", precision="fp16-mixed")
+    seeds = [21, 22, 23]
+    models = [mlp(s) for s in seeds]
+    trainer = StackedTrainer(data, config, per_slot_data=True)
+    trainer.start([copy.deepcopy(m) for m in models], [Slot(key=i, hparams=HPARAMS[i], seed=s) for i, s in enumerate(seeds)])
+    weight = trainer.model.params["0.weight"]
+    before_step: list[torch.Tensor] = []  # slot weights as each backward runs, i.e. before its step
+
+    def overflow_slot_0(grad: torch.Tensor) -> torch.Tensor:
+        before_step.append(weight.detach().clone())
+        if len(before_step) != 3:
+            return grad
+        grad = grad.clone()
+        grad[0] *= math.inf
+        return grad
+
+    # Slot 0's (Adam) first-layer gradient overflows at its third step, in the group and alone.
+    weight.register_hook(overflow_slot_0)
+    for _ in range(config.epochs):
+        trainer.train_epoch()
+    skipped, next_step = before_step[2], before_step[3]
+    assert torch.equal(skipped[0], next_step[0]) and not torch.equal(skipped[2], next_step[2])
+    steps = 2 * -(-len(data.train[0]) // config.batch_size)
+    assert [s.item() for s in trainer.optimizer.steps] == [steps - 1, 0, steps]  # SGD (slot 1) keeps no count
+    for i, (model, seed) in enumerate(zip(models, seeds)):
+        if i == 0:
+            calls = iter(range(10**6))
+            model[0].weight.register_hook(lambda g, calls=calls: g * math.inf if next(calls) == 2 else g)
+        state = solo_run(model, data, dataclasses.replace(config, seed=seed), HPARAMS[i])
+        assert trainer.scaler.scale[i].item() == state.scaler.get_scale() == (2.0**15 if i == 0 else 2.0**16)
+        for solo_epoch, slot_epoch in zip(state.history, trainer.slots[i].history, strict=True):
+            for name, value in solo_epoch.items():
+                # Losses within fp16 rounding; counted metrics within two of the 96 validation samples.
+                close = dict(rel=2e-3) if name.endswith("loss") else dict(abs=2.5 / len(data.val[0]))
+                assert slot_epoch[name] == pytest.approx(value, **close), (i, name)
+        # fp16 products round differently batched and alone, and Adam's normalized step turns
+        # such differences in tiny gradients into whole steps of lr: close, not float32-close.
+        stacked = trainer.model.slot_state_dict(i)
+        for name, value in state.model.state_dict().items():
+            torch.testing.assert_close(stacked[name], value, rtol=0, atol=2e-2)
 
 
 def test_shared_data_order_is_one_order_for_every_slot() -> None:

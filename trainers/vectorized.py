@@ -10,8 +10,8 @@ losses, so each slot's gradient is exactly its own model's gradient.
 
 Per slot: the optimizer and its learning rate, weight decay, momentum and nesterov (SGD), betas
 and eps (Adam, AdamW), each slot updated by torch's fused kernel on its views of the stacked
-tensors (as `torch.optim` with ``fused=True``); the dropout rate, as a stacked buffer; and in the
-batched-matmul path the activation. A slot can be replaced (fresh weights and optimizer state,
+tensors (as `torch.optim` with ``fused=True``); the dropout rate, as a stacked buffer; fp16's loss
+scale; and in the batched-matmul path the activation. A slot can be replaced (fresh weights and optimizer state,
 its epoch count back to 0) or dropped, so a caller can prune and refill slots while the others
 train on.
 
@@ -93,7 +93,6 @@ def check_settings(config: TrainerConfig, data: Data) -> None:
     """Raises `NotVectorizable` for trainer settings the stacked loop does not implement yet."""
     unsupported = {
         "scheduler": config.scheduler is not None,
-        "precision fp16-mixed (one gradient scaler per slot)": str(config.precision) == "fp16-mixed",
         "checkpoint_dir (per-slot checkpoints)": config.checkpoint_dir is not None,
         "log_dir (per-slot loggers)": config.log_dir is not None,
         "compile": config.compile,
@@ -337,22 +336,27 @@ class StackedOptimizer:
             p.grad = None
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, found_inf: torch.Tensor | None = None) -> None:
+        """One update of every slot; with fp16's `found_inf` ([K], 1.0 where a slot's gradients
+        overflowed), those slots skip it on the device, as `GradScaler.step` has a fused kernel do."""
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         every = len(live) == len(self.params)
         slot_grads = list(zip(*(self.params[i].grad.unbind(0) for i in live)))
         for k, (kind, options) in enumerate(self.specs):
             pick = (lambda views: list(views)) if every else (lambda views: [views[i] for i in live])  # noqa: E731
             params, grads, m = pick(self.slot_params[k]), list(slot_grads[k]), pick(self.slot_m[k])
+            skip = found_inf[k] if found_inf is not None else None
             if kind == "sgd":
                 # Zero-initialized buffers: the first update gives buf = grad, as torch's clone does.
                 torch._fused_sgd_(params, grads, m if options["momentum"] else [], is_first_step=False,
-                                  maximize=False, dampening=0.0, **options)
+                                  maximize=False, dampening=0.0, found_inf=skip, **options)
                 continue
             self.steps[k] += 1
             fused = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
             fused(params, grads, m, pick(self.slot_v[k]), [], [self.steps[k]] * len(live),
-                  amsgrad=False, maximize=False, **options)
+                  amsgrad=False, maximize=False, found_inf=skip, **options)
+            if skip is not None:
+                self.steps[k] -= skip  # a skipped step does not count, as in torch.optim's fused Adam
 
     def reset_slot(self, index: int, spec: Mapping[str, Any]) -> None:
         """Fresh state and hyperparameters for slot `index` (a refill)."""
@@ -385,6 +389,45 @@ def _fused_options(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     beta1, beta2 = float(spec.get("beta1", beta1)), float(spec.get("beta2", beta2))
     decay = float(spec.get("weight_decay", 1e-2 if name == "adamw" else 0.0))  # torch's defaults
     return name, {"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": decay, "eps": float(spec.get("eps", 1e-8))}
+
+
+class StackedScaler:
+    """fp16's loss scaling per slot: `torch.amp.GradScaler`'s scale, growth tracker and rules (its
+    defaults), one of each per slot, as [K] tensors on the device; no host sync per step."""
+
+    def __init__(self, size: int, device: torch.device, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000) -> None:
+        self.init_scale, self.growth_factor, self.backoff_factor = init_scale, growth_factor, backoff_factor
+        self.growth_interval = growth_interval
+        self.scale = torch.full((size,), init_scale, dtype=torch.float32, device=device)
+        self.tracker = torch.zeros(size, dtype=torch.int32, device=device)
+
+    def unscale(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Divides each slot's gradients by its scale, in place; returns [K] floats, 1.0 where a
+        slot's gradients hold inf or NaN."""
+        inv = self.scale.double().reciprocal().float()  # as GradScaler computes it
+        found = torch.zeros_like(self.scale, dtype=torch.bool)
+        for g in grads:
+            g.mul_(inv.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+            found |= ~torch.isfinite(g).flatten(1).all(1)
+        return found.float()
+
+    def update(self, found_inf: torch.Tensor) -> None:
+        """Halves the scale of each slot that overflowed; doubles it after `growth_interval` clean steps."""
+        found = found_inf.bool()
+        tracker = torch.where(found, 0, self.tracker + 1)
+        grown = self.scale * self.growth_factor
+        grow = (tracker == self.growth_interval) & torch.isfinite(grown)
+        self.scale = torch.where(found, self.scale * self.backoff_factor, torch.where(grow, grown, self.scale))
+        self.tracker = torch.where(tracker == self.growth_interval, 0, tracker).to(torch.int32)
+
+    def reset_slot(self, index: int) -> None:
+        self.scale[index] = self.init_scale
+        self.tracker[index] = 0
+
+    def keep(self, indices: Sequence[int]) -> None:
+        index = torch.tensor(list(indices), device=self.scale.device, dtype=torch.long)
+        self.scale, self.tracker = self.scale.index_select(0, index), self.tracker.index_select(0, index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +494,7 @@ class StackedTrainer:
         self.batched = batched
         self.model: StackedModel | None = None
         self.optimizer: StackedOptimizer | None = None
+        self.scaler: StackedScaler | None = None  # fp16-mixed only
         self.slots: list[Slot] = []
         self.stop: Callable[[], bool] | None = None  # checked before every batch and slot event
 
@@ -464,6 +508,8 @@ class StackedTrainer:
         specs = [check_hparams(s.hparams, self.config) for s in slots]
         self.model = StackedModel(models, self.device, batched=self.batched)
         self.optimizer = StackedOptimizer(self.model.parameters(), specs)
+        if str(self.config.precision) == "fp16-mixed":
+            self.scaler = StackedScaler(len(slots), self.device)
         self.slots = list(slots)
         for slot in self.slots:
             self._seed_slot(slot)
@@ -474,6 +520,8 @@ class StackedTrainer:
         spec = check_hparams(slot.hparams, self.config)
         self.model.load_slot(index, model)
         self.optimizer.reset_slot(index, spec)
+        if self.scaler is not None:
+            self.scaler.reset_slot(index)
         self._seed_slot(slot)
         self.slots[index] = slot
 
@@ -484,6 +532,8 @@ class StackedTrainer:
             return
         self.model.keep(indices)
         self.optimizer.rebind(self.model.parameters(), indices)
+        if self.scaler is not None:
+            self.scaler.keep(indices)
         self.slots = [self.slots[i] for i in indices]
 
     def _seed_slot(self, slot: Slot) -> None:
@@ -545,7 +595,7 @@ class StackedTrainer:
         """One pass over the training data for every slot, then validation: each slot's `metrics`
         and `history` grow by one epoch. Returns the slots (`epoch` is the epoch just validated)."""
         config = self.config
-        model, optimizer = self.model, self.optimizer
+        model, optimizer, scaler = self.model, self.optimizer, self.scaler
         model.train()
         loss_sum = torch.zeros(self.size, device=self.device)
         steps = 0
@@ -557,10 +607,16 @@ class StackedTrainer:
             with self.autocast():
                 out = model(x, shared=shared)
             losses = self._loss(out, y, shared)
-            (losses.sum() / accumulate if accumulate > 1 else losses.sum()).backward()
+            total = (losses * scaler.scale).sum() if scaler is not None else losses.sum()
+            (total / accumulate if accumulate > 1 else total).backward()
             if (i + 1) % accumulate == 0 or i + 1 == len(batches):
+                found_inf = None
+                if scaler is not None:
+                    found_inf = scaler.unscale([p.grad for p in model.parameters() if p.grad is not None])
                 self._clip()
-                optimizer.step()
+                optimizer.step(found_inf)
+                if scaler is not None:
+                    scaler.update(found_inf)
                 optimizer.zero_grad()
             loss_sum += losses.detach()
             steps += 1
