@@ -23,7 +23,7 @@ import trainers
 from hpo.examples.images import convnet, digits_images
 from hpo.storage import open_storage
 from trainers import checkpoint
-from trainers.vectorized import Slot, StackedTrainer
+from trainers.vectorized import Slot, StackedTrainer, fit_stacked
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -144,6 +144,18 @@ def test_grouped_training_on_cuda_gives_each_trial_its_solo_curve() -> None:
                 # Grouped and solo convolutions take different cuDNN kernels: equal up to float32
                 # rounding, which may flip a prediction or two (1/450 of accuracy each).
                 assert slot_epoch[name] == pytest.approx(value, rel=2e-3, abs=5e-3), (i, name)
+
+
+def test_grouped_fp16_with_schedules_trains_on_cuda() -> None:
+    data = digits_images()
+    config = trainers.TrainerConfig(epochs=2, device="cuda", precision="fp16-mixed", scheduler={"name": "one-cycle"})
+    models = [convnet({"model": {"channels": 8}}, data) for _ in range(4)]
+    hparams = [{"lr": lr, "optimizer": name} for lr, name in ((1e-3, "adam"), (3e-3, "adamw"), (0.05, "sgd"), (2e-3, "adam"))]
+    hparams[2]["optimizer"] = {"name": "sgd", "momentum": 0.9}  # one-cycle cycles SGD's momentum
+    slots = [Slot(key=i, hparams=h) for i, h in enumerate(hparams)]
+    trainer = fit_stacked(models, slots, data, config)
+    assert trainer.scaler.scale.device.type == "cuda"
+    assert all(s.history[-1]["val_accuracy"] > 0.5 and math.isfinite(s.history[-1]["train_loss"]) for s in slots)
 
 
 @pytest.mark.e2e

@@ -36,9 +36,11 @@ from torch.func import functional_call, stack_module_state, vmap
 from trainers import metrics as metrics_mod
 from trainers.callbacks import Dispatch
 from trainers.config import TrainerConfig
-from trainers.data import Data
+from trainers.data import Data, n_batches
 from trainers.loop import NonFiniteLossError, optimizer_spec, resolve_device
+from trainers.optim import build_optimizer
 from trainers.precision import autocast_for
+from trainers.schedule import Schedule, build_schedule, check_spec, merge
 
 STACKED_OPTIMIZERS = ("sgd", "adam", "adamw")
 # Options each stacked optimizer takes per slot (torch.optim's names; beta1/beta2 as in build_optimizer).
@@ -92,7 +94,6 @@ def check_model(model: nn.Module) -> None:
 def check_settings(config: TrainerConfig, data: Data) -> None:
     """Raises `NotVectorizable` for trainer settings the stacked loop does not implement yet."""
     unsupported = {
-        "scheduler": config.scheduler is not None,
         "checkpoint_dir (per-slot checkpoints)": config.checkpoint_dir is not None,
         "log_dir (per-slot loggers)": config.log_dir is not None,
         "compile": config.compile,
@@ -106,9 +107,14 @@ def check_settings(config: TrainerConfig, data: Data) -> None:
 
 
 def check_hparams(hparams: Mapping[str, Any], config: TrainerConfig) -> dict[str, Any]:
-    """The slot's optimizer spec; raises `NotVectorizable` for an optimizer or option not stacked yet."""
-    if hparams.get("scheduler") is not None:
-        raise NotVectorizable("a per-trial learning-rate schedule is not supported by the stacked loop yet")
+    """The slot's optimizer spec; raises `NotVectorizable` for an optimizer or option not stacked yet
+    (and for a schedule spec that `fit` would reject, so that the trial fails alone, with fit's error)."""
+    schedule = merge(config.scheduler, hparams.get("scheduler"))
+    if schedule is not None:
+        try:
+            check_spec(schedule)
+        except ValueError as err:
+            raise NotVectorizable(str(err)) from None
     spec = optimizer_spec(config, hparams)
     name = str(spec.get("name", "adam")).lower()
     if name not in STACKED_OPTIMIZERS:
@@ -320,6 +326,9 @@ class StackedOptimizer:
     def __init__(self, params: list[torch.Tensor], specs: Sequence[Mapping[str, Any]]) -> None:
         self.params = params
         self.specs = [_fused_options(s) for s in specs]
+        # Per slot, the param group of a scheduled slot's stand-in torch optimizer (see
+        # `StackedTrainer`): each step takes its lr, and one-cycle's momentum or betas, from it.
+        self.groups: list[dict[str, Any] | None] = [None] * len(specs)
         self.m = [torch.zeros_like(p) for p in params]  # SGD's momentum buffer, Adam's first moment
         self.v = [torch.zeros_like(p) for p in params]  # Adam's second moment
         self.steps = [torch.zeros((), dtype=torch.float32, device=params[0].device) for _ in specs]
@@ -343,6 +352,8 @@ class StackedOptimizer:
         every = len(live) == len(self.params)
         slot_grads = list(zip(*(self.params[i].grad.unbind(0) for i in live)))
         for k, (kind, options) in enumerate(self.specs):
+            if self.groups[k] is not None:
+                options = _scheduled(kind, options, self.groups[k])
             pick = (lambda views: list(views)) if every else (lambda views: [views[i] for i in live])  # noqa: E731
             params, grads, m = pick(self.slot_params[k]), list(slot_grads[k]), pick(self.slot_m[k])
             skip = found_inf[k] if found_inf is not None else None
@@ -358,7 +369,7 @@ class StackedOptimizer:
             if skip is not None:
                 self.steps[k] -= skip  # a skipped step does not count, as in torch.optim's fused Adam
 
-    def reset_slot(self, index: int, spec: Mapping[str, Any]) -> None:
+    def reset_slot(self, index: int, spec: Mapping[str, Any], group: dict[str, Any] | None = None) -> None:
         """Fresh state and hyperparameters for slot `index` (a refill)."""
         with torch.no_grad():
             for m, v in zip(self.m, self.v):
@@ -366,6 +377,7 @@ class StackedOptimizer:
                 v[index].zero_()
         self.steps[index] = torch.zeros_like(self.steps[index])
         self.specs[index] = _fused_options(spec)
+        self.groups[index] = group
 
     def rebind(self, params: list[torch.Tensor], indices: Sequence[int]) -> None:
         """Follows `StackedModel.keep`: new parameter tensors, state of the kept slots only."""
@@ -375,7 +387,18 @@ class StackedOptimizer:
         self.v = [v.index_select(0, index) for v in self.v]
         self.steps = [self.steps[i] for i in indices]
         self.specs = [self.specs[i] for i in indices]
+        self.groups = [self.groups[i] for i in indices]
         self._views()
+
+
+def _scheduled(kind: str, options: dict[str, Any], group: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` with the schedule's current values from a torch param group."""
+    options = {**options, "lr": group["lr"]}
+    if kind == "sgd":
+        options["momentum"] = group["momentum"]
+    else:
+        options["beta1"], options["beta2"] = group["betas"]
+    return options
 
 
 def _fused_options(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -451,6 +474,7 @@ class Slot:
     resumed: bool = False  # as `State.resumed`; slots always start fresh
     generator: torch.Generator | None = None  # per-slot data order
     global_step: int = 0
+    schedule: Schedule | None = None  # as `State.schedule`; set by the trainer
 
     def stop(self, reason: str) -> None:
         """Ends this slot after the current epoch."""
@@ -511,15 +535,16 @@ class StackedTrainer:
         if str(self.config.precision) == "fp16-mixed":
             self.scaler = StackedScaler(len(slots), self.device)
         self.slots = list(slots)
-        for slot in self.slots:
+        for k, slot in enumerate(self.slots):
             self._seed_slot(slot)
+            self.optimizer.groups[k] = self._schedule(slot)
         self._probe(models)
 
     def replace(self, index: int, model: nn.Module, slot: Slot) -> None:
         """Slot `index` starts over with `model` (fresh weights and optimizer state) as `slot`."""
         spec = check_hparams(slot.hparams, self.config)
         self.model.load_slot(index, model)
-        self.optimizer.reset_slot(index, spec)
+        self.optimizer.reset_slot(index, spec, self._schedule(slot))
         if self.scaler is not None:
             self.scaler.reset_slot(index)
         self._seed_slot(slot)
@@ -535,6 +560,21 @@ class StackedTrainer:
         if self.scaler is not None:
             self.scaler.keep(indices)
         self.slots = [self.slots[i] for i in indices]
+
+    def _schedule(self, slot: Slot) -> dict[str, Any] | None:
+        """Builds the slot's schedule, as `fit` would, on a torch optimizer that stands in for the
+        slot's (over one placeholder tensor): torch's schedulers then drive its param group, which
+        the stacked update reads. Returns that group, or None when the slot has no schedule."""
+        spec = merge(self.config.scheduler, slot.hparams.get("scheduler"))
+        if spec is None:
+            slot.schedule = None
+            return None
+        stand_in = build_optimizer([torch.zeros((), requires_grad=True)], optimizer_spec(self.config, slot.hparams))
+        windows = -(-n_batches(self.data.train, self.config.batch_size) // self.config.accumulate_grad_batches)
+        slot.schedule = build_schedule(stand_in, spec, total_steps=windows * self.config.epochs, steps_per_epoch=windows,
+                                       monitor=self.config.monitor, mode=self.config.direction)
+        stand_in.step()  # no gradient, so no change; torch warns when a scheduler steps before its optimizer did
+        return stand_in.param_groups[0]
 
     def _seed_slot(self, slot: Slot) -> None:
         if self.per_slot_data and slot.generator is None and slot.seed is not None:
@@ -618,6 +658,9 @@ class StackedTrainer:
                 if scaler is not None:
                     scaler.update(found_inf)
                 optimizer.zero_grad()
+                for slot in self.slots:
+                    if slot.schedule is not None and slot.schedule.interval == "step":
+                        slot.schedule.scheduler.step()
             loss_sum += losses.detach()
             steps += 1
         for slot in self.slots:
@@ -734,6 +777,8 @@ def _validation_end(slot: Slot) -> None:
     emit = Dispatch(slot.callbacks)
     try:
         emit("on_validation_end", slot)
+        if slot.schedule is not None and slot.schedule.interval == "epoch":  # plateau, as `fit` steps it
+            slot.schedule.scheduler.step(slot.metrics[slot.schedule.monitor])
         emit("on_epoch_end", slot)
     except Exception as err:  # one slot's callback (e.g. pruning) ends that slot, not the group
         slot.error = err  # a BaseException (Ctrl-C, a signal) still ends the whole run
