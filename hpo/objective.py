@@ -112,6 +112,11 @@ def trial_seed(config: Config, number: int) -> int | None:
     return None if base is None else base + number
 
 
+def trial_dir(root: str, config: Config, number: int) -> str:
+    """Trial `number`'s own checkpoint or log directory under `root`."""
+    return os.path.join(root, config.study.name, f"trial-{number}")
+
+
 def seed_torch(seed: int) -> None:
     """`torch.manual_seed`, without its cost where no accelerator is: it records a stack trace for
     each lazy CUDA, XPU and MTIA seeding, which never happens there (0.1-0.3 ms a trial)."""
@@ -137,8 +142,7 @@ def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int |
     # One checkpoint and log directory per trial (a shared one would make trials resume each
     # other); a retry uses its original's, so it resumes from the last checkpoint written there.
     run = attrs.get("hpo:resume_from", trial.number)
-    per_trial = {key: os.path.join(value, config.study.name, f"trial-{run}")
-                 for key in ("checkpoint_dir", "log_dir") if (value := getattr(trainer_config, key))}
+    per_trial = {key: trial_dir(value, config, run) for key in ("checkpoint_dir", "log_dir") if (value := getattr(trainer_config, key))}
     trainer_config = dataclasses.replace(trainer_config, **per_trial)
     data = task.data(params)
     model = task.model(params, data)

@@ -18,6 +18,9 @@ architecture, and trains each group as one stacked model (`trainers.vectorized`)
   epoch 0 in the freed slot. A new trial of another
   architecture is not run solo at once but kept for the next group (it usually finds partners
   there), and the current group shrinks by one instead.
+- **Checkpoints.** With ``trainer.checkpoint_dir`` each slot writes its trial's checkpoints in
+  the trial's own directory, in `fit`'s format: a handed-back trial's retry (which always runs
+  alone) resumes from them.
 - **Bookkeeping.** Every trial carries ``hpo:worker`` and ``hpo:seeds`` (written with the trial), plus
   ``hpo:vectorize`` (the width K and whether `auto` chose it) and ``hpo:vectorized_width`` (how
   many trials trained together when it started; 1 means solo). The heartbeat covers every trial
@@ -206,7 +209,9 @@ class Population:
     def _slot(self, member: Member) -> Slot:
         metrics = self.config.study.metrics
         callbacks = [objective.PruningCallback(member.trial, metrics[0], self.patience)] if len(metrics) == 1 else []
-        return Slot(key=member, hparams=member.params, seed=member.seed, callbacks=callbacks)
+        root = self.config.trainer.checkpoint_dir
+        directory = objective.trial_dir(root, self.config, member.trial.number) if root else None
+        return Slot(key=member, hparams=member.params, seed=member.seed, callbacks=callbacks, checkpoint_dir=directory)
 
     def _refill(self, slot: Slot):
         """A trial for the freed slot: a waiting one of the group's architecture, else one new
@@ -223,7 +228,8 @@ class Population:
         self.active.append(match)
         self._record_start(match, len(self.active))
         self._beat()
-        return match.model, match.params, match, match.seed, self._slot(match).callbacks
+        slot = self._slot(match)
+        return match.model, match.params, match, match.seed, slot.callbacks, slot.checkpoint_dir
 
     def _end(self, slot: Slot) -> None:
         """Tells a finished, pruned or failed slot's trial at once."""

@@ -23,12 +23,14 @@ import trainers
 from hpo import coordinator, worker
 from hpo.config import ConfigError, Vectorize, config_from_dict, load_config
 from hpo.storage import open_storage
+from trainers import checkpoint as checkpoint_mod
 from trainers.vectorized import (
     NotVectorizable,
     Slot,
     StackedModel,
     StackedOptimizer,
     StackedTrainer,
+    Stopped,
     check_hparams,
     fit_stacked,
     signature,
@@ -174,6 +176,49 @@ def test_each_slot_follows_its_own_learning_rate_schedule_as_fit_does() -> None:
     assert slots[2].schedule.scheduler.optimizer.param_groups[0]["lr"] < HPARAMS[2]["lr"]  # the plateau did reduce
 
 
+@pytest.mark.parametrize("schedule", [None, {"name": "cosine", "warmup_steps": 5}], ids=["constant", "cosine"])
+def test_a_trial_resumes_alone_from_the_checkpoint_its_slot_wrote(tmp_path, schedule) -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=4, batch_size=32, device="cpu", scheduler=schedule)
+    seeds = [41, 42, 43]
+    # Adam, SGD with nesterov momentum, AdamW: each optimizer's state must come back as torch keeps it.
+    slots = [Slot(key=i, hparams=HPARAMS[i], seed=s, checkpoint_dir=str(tmp_path / f"slot-{i}")) for i, s in enumerate(seeds)]
+    # As a worker told to stop: the group ends before the third epoch's first batch.
+    with pytest.raises(Stopped):
+        fit_stacked([mlp(s) for s in seeds], slots, data, config, per_slot_data=True,
+                    stop=lambda: all(slot.epoch == 2 for slot in slots))
+    for i, seed in enumerate(seeds):
+        directory = tmp_path / f"slot-{i}"
+        assert checkpoint_mod.load(directory / "last.pt")["epoch"] == 1 and (directory / "best.pt").exists()
+        straight = solo_run(mlp(seed), data, dataclasses.replace(config, seed=seed), HPARAMS[i])
+        resumed = solo_run(mlp(99), data, dataclasses.replace(config, seed=seed, checkpoint_dir=str(directory)), HPARAMS[i])
+        assert resumed.resumed and len(resumed.history) == 4
+        for a, b in zip(straight.history, resumed.history, strict=True):
+            for name, value in a.items():
+                assert b[name] == pytest.approx(value, rel=1e-4, abs=1e-5), (i, name)
+        for name, value in straight.model.state_dict().items():
+            torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+        assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
+
+
+def test_fp16_slot_checkpoints_carry_the_slot_s_loss_scale(tmp_path) -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=1, batch_size=32, device="cpu", precision="fp16-mixed")
+    slots = [Slot(key=i, hparams=HPARAMS[i], seed=i, checkpoint_dir=str(tmp_path / f"s{i}")) for i in range(2)]
+    trainer = StackedTrainer(data, config)
+    trainer.start([mlp(i) for i in range(2)], slots)
+    trainer.scaler.scale[1] = 2.0**10
+    trainer.train_epoch()
+    for i in range(2):
+        trainer.checkpoint(i)
+    trainer.wait_checkpoints()
+    saved = [checkpoint_mod.load(tmp_path / f"s{i}" / "last.pt")["scaler"] for i in range(2)]
+    assert [s["scale"] for s in saved] == [2.0**16, 2.0**10]
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.load_state_dict(saved[1])  # GradScaler's own format
+    assert scaler.get_scale() == 2.0**10
+
+
 def test_fp16_slots_scale_their_own_losses_and_skip_only_their_own_overflowing_step() -> None:
     data = toy_data()
     config = trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu", precision="fp16-mixed")
@@ -289,7 +334,7 @@ def test_a_slot_stopped_at_epoch_2_is_refilled_and_the_new_curve_starts_at_epoch
         if nxt is None:
             return None
         key, hparams, seed = nxt
-        return mlp(seed), hparams, key, seed, [Record(key)]
+        return mlp(seed), hparams, key, seed, [Record(key)], None
 
     trainer = fit_stacked([mlp(1), mlp(2), mlp(3)], slots, data, config, refill=refill, on_slot_end=ended.append)
     assert trainer.size == 0
@@ -336,8 +381,8 @@ def test_models_that_cannot_be_stacked_are_named_with_the_reason() -> None:
         StackedTrainer(data, config).start(with_bn, [Slot(i, {}) for i in range(2)])
     with pytest.raises(NotVectorizable, match="data-dependent control flow"):
         StackedTrainer(data, config).start([Branchy(), Branchy()], [Slot(i, {}) for i in range(2)])
-    with pytest.raises(NotVectorizable, match="checkpoint_dir"):
-        StackedTrainer(data, dataclasses.replace(config, checkpoint_dir="/tmp/never"))
+    with pytest.raises(NotVectorizable, match="log_dir"):
+        StackedTrainer(data, dataclasses.replace(config, log_dir="/tmp/never"))
     # A schedule `fit` would reject: the trial runs alone and fails there, with fit's own error.
     with pytest.raises(NotVectorizable, match="scheduler name must be one of"):
         check_hparams({"scheduler": {"name": "sometimes"}}, config)
@@ -365,12 +410,12 @@ def model(params):
 
 
 def pop_study(tmp_path, name: str, *, vectorize: dict | None, baseline: list, n_trials: int, epochs: int = 4,
-              pruner: Any = "none", space: dict | None = None) -> str:
+              pruner: Any = "none", space: dict | None = None, trainer: dict | None = None) -> str:
     (tmp_path / "poptask.py").write_text(POP_TASK)
     raw = {
         "study": {"name": name, "direction": "maximize", "metric": "val_accuracy", "n_trials": n_trials, "seed": 3,
                   "sampler": "random", "pruner": pruner},
-        "trainer": {"epochs": epochs, "batch_size": 32, "device": "cpu", "threads": 1},
+        "trainer": {"epochs": epochs, "batch_size": 32, "device": "cpu", "threads": 1, **(trainer or {})},
         "task": {"model": "poptask:model", "data": "poptask:data"},
         "space": space or {
             "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
@@ -587,6 +632,42 @@ def test_a_signal_hands_back_every_trial_the_population_worker_holds(tmp_path, s
     assert all(t.user_attrs["hpo:fail_reason"].startswith(f"interrupted by {sig}") for t in stopped)
     retried = sorted(t.user_attrs["hpo:retry_of"] for t in trials if t.state == TrialState.WAITING)
     assert retried == sorted(t.number for t in stopped)
+
+
+@pytest.mark.e2e
+def test_trials_handed_back_by_a_population_worker_resume_from_their_slot_checkpoints(tmp_path) -> None:
+    import signal
+    import time
+
+    epochs = 150
+    path = pop_study(tmp_path, "ckpt", vectorize={"width": 2}, baseline=MIXED[0::2], n_trials=3, epochs=epochs,
+                     trainer={"checkpoint_dir": str(tmp_path / "ckpt")})
+    url = str(tmp_path / "ckpt.journal")
+    coordinator.create(load_config(path), open_storage(url))
+    study = optuna.load_study(study_name="ckpt", storage=open_storage(url))
+    command = [sys.executable, "-m", "hpo", "worker", "--study", "ckpt", "--storage", url, "--threads", "1"]
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(len(t.intermediate_values) >= 3 for t in study.get_trials()):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _out, err = first.communicate(timeout=60)
+    assert first.returncode == 0 and "vectorize" not in err, err  # grouped, not run alone
+    stopped = {t.number: t for t in study.get_trials() if t.state == TrialState.FAIL}
+    trained = {n: len(t.intermediate_values) for n, t in stopped.items() if t.intermediate_values}
+    assert len(trained) == 2, err  # the group of two (widths 8 and 8) was training
+
+    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    trials = study.get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    for t in trials:
+        origin = t.user_attrs.get("hpo:retry_of")
+        if origin in trained:
+            # Resumed from the last epoch its slot wrote; the curve is whole and continuous.
+            assert t.state == TrialState.COMPLETE and t.user_attrs["hpo:resumed_at_epoch"] >= trained[origin] - 1
+            assert list(t.intermediate_values) == list(range(epochs))
 
 
 def test_population_mode_on_postgresql_beats_for_every_trial(tmp_path, postgres_url: str) -> None:

@@ -21,6 +21,7 @@ forward and backward run there), so the caller can train them one at a time inst
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -35,9 +36,10 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from trainers import metrics as metrics_mod
 from trainers.callbacks import Dispatch
+from trainers.checkpoint import Checkpoints
 from trainers.config import TrainerConfig
 from trainers.data import Data, n_batches
-from trainers.loop import NonFiniteLossError, optimizer_spec, resolve_device
+from trainers.loop import NonFiniteLossError, State, optimizer_spec, resolve_device
 from trainers.optim import build_optimizer
 from trainers.precision import autocast_for
 from trainers.schedule import Schedule, build_schedule, check_spec, merge
@@ -94,7 +96,6 @@ def check_model(model: nn.Module) -> None:
 def check_settings(config: TrainerConfig, data: Data) -> None:
     """Raises `NotVectorizable` for trainer settings the stacked loop does not implement yet."""
     unsupported = {
-        "checkpoint_dir (per-slot checkpoints)": config.checkpoint_dir is not None,
         "log_dir (per-slot loggers)": config.log_dir is not None,
         "compile": config.compile,
         "channels_last": config.channels_last,
@@ -325,6 +326,7 @@ class StackedOptimizer:
 
     def __init__(self, params: list[torch.Tensor], specs: Sequence[Mapping[str, Any]]) -> None:
         self.params = params
+        self.raw = [dict(s) for s in specs]  # as given: what `fit` builds a torch optimizer from
         self.specs = [_fused_options(s) for s in specs]
         # Per slot, the param group of a scheduled slot's stand-in torch optimizer (see
         # `StackedTrainer`): each step takes its lr, and one-cycle's momentum or betas, from it.
@@ -369,6 +371,21 @@ class StackedOptimizer:
             if skip is not None:
                 self.steps[k] -= skip  # a skipped step does not count, as in torch.optim's fused Adam
 
+    def slot_state_dict(self, index: int) -> dict[str, Any]:
+        """Slot `index`'s state as the `state_dict()` of the torch optimizer that `fit` builds for
+        the trial, so that the trial run alone resumes from it."""
+        kind = self.specs[index][0]
+        placeholders = [torch.empty(p.shape[1:]) for p in self.params]  # only their order and shapes count
+        optimizer = build_optimizer(placeholders, self.raw[index])
+        if self.groups[index] is not None:  # a schedule's current values, and its initial_lr
+            optimizer.param_groups[0].update({k: v for k, v in self.groups[index].items() if k != "params"})
+        for i, p in enumerate(placeholders):
+            if kind != "sgd":
+                optimizer.state[p] = {"step": self.steps[index], "exp_avg": self.m[i][index], "exp_avg_sq": self.v[i][index]}
+            elif optimizer.param_groups[0]["momentum"]:
+                optimizer.state[p] = {"momentum_buffer": self.m[i][index]}
+        return optimizer.state_dict()
+
     def reset_slot(self, index: int, spec: Mapping[str, Any], group: dict[str, Any] | None = None) -> None:
         """Fresh state and hyperparameters for slot `index` (a refill)."""
         with torch.no_grad():
@@ -376,6 +393,7 @@ class StackedOptimizer:
                 m[index].zero_()
                 v[index].zero_()
         self.steps[index] = torch.zeros_like(self.steps[index])
+        self.raw[index] = dict(spec)
         self.specs[index] = _fused_options(spec)
         self.groups[index] = group
 
@@ -386,6 +404,7 @@ class StackedOptimizer:
         self.m = [m.index_select(0, index) for m in self.m]
         self.v = [v.index_select(0, index) for v in self.v]
         self.steps = [self.steps[i] for i in indices]
+        self.raw = [self.raw[i] for i in indices]
         self.specs = [self.specs[i] for i in indices]
         self.groups = [self.groups[i] for i in indices]
         self._views()
@@ -444,6 +463,11 @@ class StackedScaler:
         self.scale = torch.where(found, self.scale * self.backoff_factor, torch.where(grow, grown, self.scale))
         self.tracker = torch.where(tracker == self.growth_interval, 0, tracker).to(torch.int32)
 
+    def slot_state_dict(self, index: int) -> dict[str, Any]:
+        """Slot `index`'s scaler as `GradScaler.state_dict()` gives it."""
+        return {"scale": self.scale[index].item(), "growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
+                "growth_interval": self.growth_interval, "_growth_tracker": int(self.tracker[index].item())}
+
     def reset_slot(self, index: int) -> None:
         self.scale[index] = self.init_scale
         self.tracker[index] = 0
@@ -475,6 +499,9 @@ class Slot:
     generator: torch.Generator | None = None  # per-slot data order
     global_step: int = 0
     schedule: Schedule | None = None  # as `State.schedule`; set by the trainer
+    checkpoint_dir: str | None = None  # this slot's last.pt and best.pt, in `fit`'s format; None: none
+    best: float | None = None  # as `State.best` and `State.best_epoch`, kept by the checkpoints
+    best_epoch: int = -1
 
     def stop(self, reason: str) -> None:
         """Ends this slot after the current epoch."""
@@ -485,7 +512,17 @@ class Slot:
         return self.should_stop or self.error is not None
 
 
-Refill = Callable[[Slot], "tuple[nn.Module, dict[str, Any], Any, int | None, list[Any]] | None"]
+class _StateDict:
+    """Stands in for a slot's module, optimizer or scaler where only `state_dict()` is read."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+Refill = Callable[[Slot], "tuple[nn.Module, dict[str, Any], Any, int | None, list[Any], str | None] | None"]
 
 
 class StackedTrainer:
@@ -520,6 +557,7 @@ class StackedTrainer:
         self.optimizer: StackedOptimizer | None = None
         self.scaler: StackedScaler | None = None  # fp16-mixed only
         self.slots: list[Slot] = []
+        self.checkpoints: list[Checkpoints | None] = []  # per slot
         self.stop: Callable[[], bool] | None = None  # checked before every batch and slot event
 
     @property
@@ -538,6 +576,7 @@ class StackedTrainer:
         for k, slot in enumerate(self.slots):
             self._seed_slot(slot)
             self.optimizer.groups[k] = self._schedule(slot)
+        self.checkpoints = [self._checkpoints(slot) for slot in self.slots]
         self._probe(models)
 
     def replace(self, index: int, model: nn.Module, slot: Slot) -> None:
@@ -549,6 +588,7 @@ class StackedTrainer:
             self.scaler.reset_slot(index)
         self._seed_slot(slot)
         self.slots[index] = slot
+        self.checkpoints[index] = self._checkpoints(slot)
 
     def keep(self, indices: Sequence[int]) -> None:
         """Drops every slot not in `indices` (the group shrinks)."""
@@ -560,6 +600,47 @@ class StackedTrainer:
         if self.scaler is not None:
             self.scaler.keep(indices)
         self.slots = [self.slots[i] for i in indices]
+        self.checkpoints = [self.checkpoints[i] for i in indices]
+
+    def _checkpoints(self, slot: Slot) -> Checkpoints | None:
+        if slot.checkpoint_dir is None:
+            return None
+        c = self.config
+        return Checkpoints(slot.checkpoint_dir, monitor=c.monitor, mode=c.direction, save_last=c.save_last,
+                           save_best=c.save_best, every=c.checkpoint_every, epochs=c.epochs)
+
+    def checkpoint(self, index: int) -> None:
+        """Slot `index`'s checkpoints after its epoch, as `fit` writes them and in its format (so a
+        retry of the trial resumes alone from them); a failed write fails that slot only."""
+        checkpoints, slot = self.checkpoints[index], self.slots[index]
+        if checkpoints is None or slot.error is not None:
+            return
+        scaler = _StateDict(self.scaler.slot_state_dict(index)) if self.scaler is not None else None
+        state = State(model=_StateDict(self.model.slot_state_dict(index)), optimizer=_StateDict(self.optimizer.slot_state_dict(index)),
+                      config=self.config, device=self.device, epoch=slot.epoch, global_step=slot.global_step,
+                      metrics=slot.metrics, history=slot.history, should_stop=slot.should_stop, stop_reason=slot.stop_reason,
+                      schedule=slot.schedule, scaler=scaler, generator=slot.generator or self.generator,
+                      callbacks=slot.callbacks, best=slot.best, best_epoch=slot.best_epoch)
+        try:
+            checkpoints.save(state)
+        except Exception as err:
+            slot.error = err
+        slot.best, slot.best_epoch = state.best, state.best_epoch
+
+    def wait_checkpoints(self, index: int | None = None) -> None:
+        """Blocks until slot `index`'s writes (every slot's when None) are on disk; a slot whose
+        write failed gets the error (every slot's: errors are suppressed)."""
+        if index is None:
+            for checkpoints in self.checkpoints:
+                if checkpoints is not None:
+                    with contextlib.suppress(BaseException):
+                        checkpoints.wait()
+            return
+        if self.checkpoints[index] is not None:
+            try:
+                self.checkpoints[index].wait()
+            except Exception as err:
+                self.slots[index].error = self.slots[index].error or err
 
     def _schedule(self, slot: Slot) -> dict[str, Any] | None:
         """Builds the slot's schedule, as `fit` would, on a torch optimizer that stands in for the
@@ -730,9 +811,10 @@ def fit_stacked(
 
     After every validation each slot's callbacks get ``on_validation_end(slot)`` (and
     ``on_epoch_end``): a callback stops its slot with ``slot.stop(reason)``; one that raises ends
-    that slot only, with `slot.error`. A slot that is done is handed to `on_slot_end`, then
-    `refill(slot)` may give ``(model, hparams, key, seed, callbacks)`` for a new slot in its place
-    (its epochs start at 0); otherwise the group shrinks.
+    that slot only, with `slot.error`. A slot with a `checkpoint_dir` gets `fit`'s checkpoints there
+    after each epoch. A slot that is done is handed to `on_slot_end`, then `refill(slot)` may give
+    ``(model, hparams, key, seed, callbacks, checkpoint_dir)`` for a new slot in its place (its
+    epochs start at 0); otherwise the group shrinks.
 
     `stop` is checked before every batch and every slot's end of epoch: when it returns True the
     run raises `Stopped` with the slots that were still training (e.g. a worker asked to quit
@@ -743,31 +825,36 @@ def fit_stacked(
     trainer.start(models, slots)
     for slot in trainer.slots:
         Dispatch(slot.callbacks)("on_fit_start", slot)
-    while trainer.size:
-        trainer.train_epoch()
-        keep, replacements = [], []
-        for index, slot in enumerate(trainer.slots):
-            if stop is not None and stop():
-                raise Stopped(trainer.slots[index:] + [trainer.slots[i] for i in keep])
-            _validation_end(slot)
-            if slot.epoch + 1 >= config.epochs and not slot.done:
-                slot.stop("finished")
-            if not slot.done:
-                slot.epoch += 1
-                keep.append(index)
-                continue
-            if on_slot_end is not None:
-                on_slot_end(slot)
-            new = refill(slot) if refill is not None else None
-            if new is not None:
-                replacements.append((index, new))
-                keep.append(index)
-        for index, (model, hparams, key, slot_seed, callbacks) in replacements:
-            fresh = Slot(key=key, hparams=hparams, seed=slot_seed, callbacks=list(callbacks))
-            trainer.replace(index, model, fresh)
-            Dispatch(fresh.callbacks)("on_fit_start", fresh)
-        if len(keep) < trainer.size:
-            trainer.keep(keep)
+    try:
+        while trainer.size:
+            trainer.train_epoch()
+            keep, replacements = [], []
+            for index, slot in enumerate(trainer.slots):
+                if stop is not None and stop():
+                    raise Stopped(trainer.slots[index:] + [trainer.slots[i] for i in keep])
+                _validation_end(slot)
+                if slot.epoch + 1 >= config.epochs and not slot.done:
+                    slot.stop("finished")
+                trainer.checkpoint(index)
+                if not slot.done:
+                    slot.epoch += 1
+                    keep.append(index)
+                    continue
+                trainer.wait_checkpoints(index)  # on disk before the slot's end is told, as `fit` does
+                if on_slot_end is not None:
+                    on_slot_end(slot)
+                new = refill(slot) if refill is not None else None
+                if new is not None:
+                    replacements.append((index, new))
+                    keep.append(index)
+            for index, (model, hparams, key, slot_seed, callbacks, checkpoint_dir) in replacements:
+                fresh = Slot(key=key, hparams=hparams, seed=slot_seed, callbacks=list(callbacks), checkpoint_dir=checkpoint_dir)
+                trainer.replace(index, model, fresh)
+                Dispatch(fresh.callbacks)("on_fit_start", fresh)
+            if len(keep) < trainer.size:
+                trainer.keep(keep)
+    finally:
+        trainer.wait_checkpoints()  # a slot handed back resumes from what was written
     return trainer
 
 
