@@ -209,9 +209,10 @@ class Population:
     def _slot(self, member: Member) -> Slot:
         metrics = self.config.study.metrics
         callbacks = [objective.PruningCallback(member.trial, metrics[0], self.patience)] if len(metrics) == 1 else []
-        root = self.config.trainer.checkpoint_dir
-        directory = objective.trial_dir(root, self.config, member.trial.number) if root else None
-        return Slot(key=member, hparams=member.params, seed=member.seed, callbacks=callbacks, checkpoint_dir=directory)
+        trainer, number = self.config.trainer, member.trial.number
+        dirs = {key: objective.trial_dir(root, self.config, number) if (root := getattr(trainer, key)) else None
+                for key in ("checkpoint_dir", "log_dir")}
+        return Slot(key=member, hparams=member.params, seed=member.seed, callbacks=callbacks, **dirs)
 
     def _refill(self, slot: Slot):
         """A trial for the freed slot: a waiting one of the group's architecture, else one new
@@ -229,7 +230,8 @@ class Population:
         self._record_start(match, len(self.active))
         self._beat()
         slot = self._slot(match)
-        return match.model, match.params, match, match.seed, slot.callbacks, slot.checkpoint_dir
+        return (match.model, match.params, match, match.seed, slot.callbacks,
+                {"checkpoint_dir": slot.checkpoint_dir, "log_dir": slot.log_dir})
 
     def _end(self, slot: Slot) -> None:
         """Tells a finished, pruned or failed slot's trial at once."""

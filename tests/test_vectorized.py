@@ -4,6 +4,7 @@ population mode asks, groups, prunes, refills and tells real Optuna trials."""
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
 import json
 import math
@@ -219,6 +220,29 @@ def test_fp16_slot_checkpoints_carry_the_slot_s_loss_scale(tmp_path) -> None:
     assert scaler.get_scale() == 2.0**10
 
 
+def test_each_slot_stops_early_and_logs_its_epochs_as_fit_does_for_the_trial_alone(tmp_path) -> None:
+    data = toy_data()
+    # Slots whose val_loss stops improving by 0.05 stop; with per-slot data each where it would alone.
+    config = trainers.TrainerConfig(epochs=8, batch_size=32, device="cpu", early_stopping_patience=1,
+                                    early_stopping_min_delta=0.05,
+                                    scheduler={"name": "cosine", "warmup_steps": 5})
+    seeds = [51, 52, 53, 54, 55]
+    slots = [Slot(key=i, hparams=HPARAMS[i], seed=s, log_dir=str(tmp_path / "group" / str(i))) for i, s in enumerate(seeds)]
+    fit_stacked([mlp(s) for s in seeds], slots, data, config, per_slot_data=True)
+    stopped = 0
+    for i, seed in enumerate(seeds):
+        alone = solo_run(mlp(seed), data, dataclasses.replace(config, seed=seed, log_dir=str(tmp_path / "alone" / str(i))), HPARAMS[i])
+        reason = None if slots[i].stop_reason == "finished" else slots[i].stop_reason  # ran all its epochs
+        assert len(slots[i].history) == len(alone.history) and reason == alone.stop_reason, i
+        stopped += alone.stop_reason is not None and alone.stop_reason.startswith("early stopping")
+        group_rows = list(csv.DictReader((tmp_path / "group" / str(i) / "metrics.csv").open()))
+        alone_rows = list(csv.DictReader((tmp_path / "alone" / str(i) / "metrics.csv").open()))
+        assert [r.keys() for r in group_rows] == [r.keys() for r in alone_rows] and len(group_rows) == len(alone.history)
+        for g, a in zip(group_rows, alone_rows):
+            assert {k: pytest.approx(float(v), rel=1e-4, abs=1e-5) for k, v in a.items()} == {k: float(v) for k, v in g.items()}
+    assert stopped >= 1  # the test would show nothing if no slot stopped early
+
+
 def test_fp16_slots_scale_their_own_losses_and_skip_only_their_own_overflowing_step() -> None:
     data = toy_data()
     config = trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu", precision="fp16-mixed")
@@ -334,7 +358,7 @@ def test_a_slot_stopped_at_epoch_2_is_refilled_and_the_new_curve_starts_at_epoch
         if nxt is None:
             return None
         key, hparams, seed = nxt
-        return mlp(seed), hparams, key, seed, [Record(key)], None
+        return mlp(seed), hparams, key, seed, [Record(key)], {}
 
     trainer = fit_stacked([mlp(1), mlp(2), mlp(3)], slots, data, config, refill=refill, on_slot_end=ended.append)
     assert trainer.size == 0
@@ -381,8 +405,8 @@ def test_models_that_cannot_be_stacked_are_named_with_the_reason() -> None:
         StackedTrainer(data, config).start(with_bn, [Slot(i, {}) for i in range(2)])
     with pytest.raises(NotVectorizable, match="data-dependent control flow"):
         StackedTrainer(data, config).start([Branchy(), Branchy()], [Slot(i, {}) for i in range(2)])
-    with pytest.raises(NotVectorizable, match="log_dir"):
-        StackedTrainer(data, dataclasses.replace(config, log_dir="/tmp/never"))
+    with pytest.raises(NotVectorizable, match="compile"):
+        StackedTrainer(data, dataclasses.replace(config, compile=True))
     # A schedule `fit` would reject: the trial runs alone and fails there, with fit's own error.
     with pytest.raises(NotVectorizable, match="scheduler name must be one of"):
         check_hparams({"scheduler": {"name": "sometimes"}}, config)

@@ -185,13 +185,8 @@ def setup(
         schedule = build_schedule(optimizer, spec, total_steps=windows * config.epochs,
                                   steps_per_epoch=windows, monitor=config.monitor, mode=config.direction)
     scaler = scaler_for(config.precision, device)
-    # Built-ins first: the epoch is logged and early stopping decided even when a later callback raises.
-    built_in: list[Any] = build_loggers(config.loggers, config.log_dir) if config.log_dir else []
-    if config.early_stopping_patience is not None:
-        built_in.append(EarlyStopping(config.monitor, config.early_stopping_patience,
-                                      config.early_stopping_min_delta, config.direction))
     state = State(model=model, optimizer=optimizer, config=config, device=device, schedule=schedule,
-                  scaler=scaler, generator=generator, callbacks=[*built_in, *callbacks])
+                  scaler=scaler, generator=generator, callbacks=[*built_in_callbacks(config, config.log_dir), *callbacks])
     update = Update(optimizer, accumulate=config.accumulate_grad_batches, scaler=scaler,
                           clip_val=config.gradient_clip_val, clip_algorithm=config.gradient_clip_algorithm,
                           schedule=schedule)
@@ -229,6 +224,16 @@ def evaluate(
             metrics_mod.accumulate(sums, eval_step(model, batch))
         count += len(batch[0])
     return metrics_mod.finalize(sums, count, {} if train_loss is None else {"train_loss": train_loss})
+
+
+def built_in_callbacks(config: TrainerConfig, log_dir: str | None) -> list[Any]:
+    """The config's loggers (into `log_dir`) and early stopping. They go before the caller's
+    callbacks, so the epoch is logged and early stopping decided even when a later one raises."""
+    built_in: list[Any] = build_loggers(config.loggers, log_dir) if log_dir else []
+    if config.early_stopping_patience is not None:
+        built_in.append(EarlyStopping(config.monitor, config.early_stopping_patience,
+                                      config.early_stopping_min_delta, config.direction))
+    return built_in
 
 
 def optimizer_spec(config: TrainerConfig, hparams: Mapping[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from trainers.callbacks import Dispatch
 from trainers.checkpoint import Checkpoints
 from trainers.config import TrainerConfig
 from trainers.data import Data, n_batches
-from trainers.loop import NonFiniteLossError, State, optimizer_spec, resolve_device
+from trainers.loop import NonFiniteLossError, State, built_in_callbacks, optimizer_spec, resolve_device
 from trainers.optim import build_optimizer
 from trainers.precision import autocast_for
 from trainers.schedule import Schedule, build_schedule, check_spec, merge
@@ -96,7 +96,6 @@ def check_model(model: nn.Module) -> None:
 def check_settings(config: TrainerConfig, data: Data) -> None:
     """Raises `NotVectorizable` for trainer settings the stacked loop does not implement yet."""
     unsupported = {
-        "log_dir (per-slot loggers)": config.log_dir is not None,
         "compile": config.compile,
         "channels_last": config.channels_last,
     }
@@ -500,8 +499,10 @@ class Slot:
     global_step: int = 0
     schedule: Schedule | None = None  # as `State.schedule`; set by the trainer
     checkpoint_dir: str | None = None  # this slot's last.pt and best.pt, in `fit`'s format; None: none
+    log_dir: str | None = None  # where the config's loggers write for this slot; None: no loggers
     best: float | None = None  # as `State.best` and `State.best_epoch`, kept by the checkpoints
     best_epoch: int = -1
+    base_lr: float = 0.0  # the slot's learning rate before any schedule; set by the trainer
 
     def stop(self, reason: str) -> None:
         """Ends this slot after the current epoch."""
@@ -510,6 +511,11 @@ class Slot:
     @property
     def done(self) -> bool:
         return self.should_stop or self.error is not None
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the slot's next step, as `State.lr`."""
+        return self.schedule.scheduler.optimizer.param_groups[0]["lr"] if self.schedule is not None else self.base_lr
 
 
 class _StateDict:
@@ -522,7 +528,7 @@ class _StateDict:
         return self._state
 
 
-Refill = Callable[[Slot], "tuple[nn.Module, dict[str, Any], Any, int | None, list[Any], str | None] | None"]
+Refill = Callable[[Slot], "tuple[nn.Module, dict[str, Any], Any, int | None, list[Any], dict[str, str | None]] | None"]
 
 
 class StackedTrainer:
@@ -573,22 +579,20 @@ class StackedTrainer:
         if str(self.config.precision) == "fp16-mixed":
             self.scaler = StackedScaler(len(slots), self.device)
         self.slots = list(slots)
-        for k, slot in enumerate(self.slots):
-            self._seed_slot(slot)
-            self.optimizer.groups[k] = self._schedule(slot)
-        self.checkpoints = [self._checkpoints(slot) for slot in self.slots]
+        self.checkpoints = [None] * len(slots)
+        for k, (slot, spec) in enumerate(zip(self.slots, specs)):
+            self._prepare(k, slot, spec)
         self._probe(models)
 
     def replace(self, index: int, model: nn.Module, slot: Slot) -> None:
         """Slot `index` starts over with `model` (fresh weights and optimizer state) as `slot`."""
         spec = check_hparams(slot.hparams, self.config)
         self.model.load_slot(index, model)
-        self.optimizer.reset_slot(index, spec, self._schedule(slot))
+        self.optimizer.reset_slot(index, spec)
         if self.scaler is not None:
             self.scaler.reset_slot(index)
-        self._seed_slot(slot)
         self.slots[index] = slot
-        self.checkpoints[index] = self._checkpoints(slot)
+        self._prepare(index, slot, spec)
 
     def keep(self, indices: Sequence[int]) -> None:
         """Drops every slot not in `indices` (the group shrinks)."""
@@ -601,6 +605,15 @@ class StackedTrainer:
             self.scaler.keep(indices)
         self.slots = [self.slots[i] for i in indices]
         self.checkpoints = [self.checkpoints[i] for i in indices]
+
+    def _prepare(self, index: int, slot: Slot, spec: Mapping[str, Any]) -> None:
+        """What `fit`'s setup does for one run: data order, schedule, built-in callbacks, checkpoints."""
+        if self.per_slot_data and slot.generator is None and slot.seed is not None:
+            slot.generator = torch.Generator().manual_seed(slot.seed)
+        slot.base_lr = float(spec["lr"])
+        self.optimizer.groups[index] = self._schedule(slot)
+        slot.callbacks = [*built_in_callbacks(self.config, slot.log_dir), *slot.callbacks]
+        self.checkpoints[index] = self._checkpoints(slot)
 
     def _checkpoints(self, slot: Slot) -> Checkpoints | None:
         if slot.checkpoint_dir is None:
@@ -656,10 +669,6 @@ class StackedTrainer:
                                        monitor=self.config.monitor, mode=self.config.direction)
         stand_in.step()  # no gradient, so no change; torch warns when a scheduler steps before its optimizer did
         return stand_in.param_groups[0]
-
-    def _seed_slot(self, slot: Slot) -> None:
-        if self.per_slot_data and slot.generator is None and slot.seed is not None:
-            slot.generator = torch.Generator().manual_seed(slot.seed)
 
     def _probe(self, models: Sequence[nn.Module]) -> None:
         x = self.data.train[0][: self.config.batch_size]
@@ -813,8 +822,9 @@ def fit_stacked(
     ``on_epoch_end``): a callback stops its slot with ``slot.stop(reason)``; one that raises ends
     that slot only, with `slot.error`. A slot with a `checkpoint_dir` gets `fit`'s checkpoints there
     after each epoch. A slot that is done is handed to `on_slot_end`, then `refill(slot)` may give
-    ``(model, hparams, key, seed, callbacks, checkpoint_dir)`` for a new slot in its place (its
-    epochs start at 0); otherwise the group shrinks.
+    ``(model, hparams, key, seed, callbacks, dirs)`` for a new slot in its place (``dirs``: its
+    `checkpoint_dir` and `log_dir`; its epochs start at 0); otherwise the group shrinks. The config's
+    loggers and early stopping act per slot, as `fit`'s do for one run.
 
     `stop` is checked before every batch and every slot's end of epoch: when it returns True the
     run raises `Stopped` with the slots that were still training (e.g. a worker asked to quit
@@ -841,14 +851,15 @@ def fit_stacked(
                     keep.append(index)
                     continue
                 trainer.wait_checkpoints(index)  # on disk before the slot's end is told, as `fit` does
+                _fit_end(slot)
                 if on_slot_end is not None:
                     on_slot_end(slot)
                 new = refill(slot) if refill is not None else None
                 if new is not None:
                     replacements.append((index, new))
                     keep.append(index)
-            for index, (model, hparams, key, slot_seed, callbacks, checkpoint_dir) in replacements:
-                fresh = Slot(key=key, hparams=hparams, seed=slot_seed, callbacks=list(callbacks), checkpoint_dir=checkpoint_dir)
+            for index, (model, hparams, key, slot_seed, callbacks, dirs) in replacements:
+                fresh = Slot(key=key, hparams=hparams, seed=slot_seed, callbacks=list(callbacks), **dirs)
                 trainer.replace(index, model, fresh)
                 Dispatch(fresh.callbacks)("on_fit_start", fresh)
             if len(keep) < trainer.size:
@@ -856,6 +867,18 @@ def fit_stacked(
     finally:
         trainer.wait_checkpoints()  # a slot handed back resumes from what was written
     return trainer
+
+
+def _fit_end(slot: Slot) -> None:
+    """`fit`'s last event for a slot that is done: ``on_fit_end``, or ``on_exception`` with its error."""
+    emit = Dispatch(slot.callbacks)
+    try:
+        if slot.error is None:
+            emit("on_fit_end", slot)
+        else:
+            emit("on_exception", slot, slot.error)
+    except Exception as err:
+        slot.error = slot.error or err
 
 
 def _validation_end(slot: Slot) -> None:
