@@ -385,6 +385,42 @@ def test_non_finite_loss_fails_one_slot_only() -> None:
 # --- what cannot be stacked -------------------------------------------------------------------
 
 
+class Recurrent(nn.Module):
+    """The features as a sequence through a GRU: recurrent kernels do not stack."""
+
+    def __init__(self, features: int = 12, width: int = 8) -> None:
+        super().__init__()
+        self.rnn, self.out = nn.GRU(1, width, batch_first=True), nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(x.unsqueeze(-1))[1][0])
+
+
+def test_batch_norm_keeps_running_statistics_per_slot_as_each_trial_alone() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=3, batch_size=32, device="cpu")
+    seeds = [61, 62, 63]
+
+    def with_bn(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(12, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+    models = [with_bn(s) for s in seeds]
+    trainer = StackedTrainer(data, config, per_slot_data=True)
+    trainer.start([copy.deepcopy(m) for m in models], [Slot(key=i, hparams=HPARAMS[i], seed=s) for i, s in enumerate(seeds)])
+    for _ in range(config.epochs):
+        trainer.train_epoch()
+    for i, (model, seed) in enumerate(zip(models, seeds)):
+        state = solo_run(model, data, dataclasses.replace(config, seed=seed), HPARAMS[i])
+        for solo_epoch, slot_epoch in zip(state.history, trainer.slots[i].history, strict=True):
+            for name, value in solo_epoch.items():
+                assert slot_epoch[name] == pytest.approx(value, rel=1e-4, abs=1e-5), (i, name)
+        stacked = trainer.model.slot_state_dict(i)
+        for name, value in state.model.state_dict().items():  # running mean, variance and batch count too
+            torch.testing.assert_close(stacked[name], value, rtol=1e-4, atol=1e-5)
+    assert stacked["1.num_batches_tracked"].item() == config.epochs * 9
+
+
 class Branchy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -400,9 +436,9 @@ class Branchy(nn.Module):
 def test_models_that_cannot_be_stacked_are_named_with_the_reason() -> None:
     data = toy_data()
     config = trainers.TrainerConfig(epochs=1, batch_size=32, device="cpu")
-    with_bn = [nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)) for _ in range(2)]
-    with pytest.raises(NotVectorizable, match="BatchNorm1d at 1 updates running statistics"):
-        StackedTrainer(data, config).start(with_bn, [Slot(i, {}) for i in range(2)])
+    recurrent = [Recurrent() for _ in range(2)]
+    with pytest.raises(NotVectorizable, match="GRU at rnn uses fused recurrent kernels"):
+        StackedTrainer(data, config).start(recurrent, [Slot(i, {}) for i in range(2)])
     with pytest.raises(NotVectorizable, match="data-dependent control flow"):
         StackedTrainer(data, config).start([Branchy(), Branchy()], [Slot(i, {}) for i in range(2)])
     with pytest.raises(NotVectorizable, match="compile"):
@@ -424,9 +460,19 @@ def data():
     y = ((x[:, 0] + 0.5 * x[:, 1]) > 0).long()
     return x[:256], y[:256], x[256:], y[256:]
 
+class Recurrent(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.rnn, self.out = nn.GRU(1, width, batch_first=True), nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.out(self.rnn(x.unsqueeze(-1))[1][0])
+
 def model(params):
     m = params.get("model", {})
     width = m.get("width", 16)
+    if m.get("recurrent"):  # the features as a sequence: GRU kernels do not stack
+        return Recurrent(width)
     if m.get("norm"):
         return nn.Sequential(nn.Linear(8, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 2))
     return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Dropout(m.get("dropout", 0.0)), nn.Linear(width, 2))
@@ -513,14 +559,23 @@ def test_population_prunes_a_slot_at_epoch_2_and_refills_it_with_a_trial_that_st
 
 
 def test_a_model_that_cannot_be_stacked_runs_alone_with_one_warning_line(tmp_path, capfd) -> None:
-    space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}, "model": {"width": 16, "norm": True}}
-    study, summary = run_study(pop_study(tmp_path, "bn", vectorize={"width": 4}, baseline=[], n_trials=6, space=space),
-                               str(tmp_path / "bn.journal"), "bn")
+    space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}, "model": {"width": 16, "recurrent": True}}
+    study, summary = run_study(pop_study(tmp_path, "gru", vectorize={"width": 4}, baseline=[], n_trials=6, space=space),
+                               str(tmp_path / "gru.journal"), "gru")
     assert summary.states == {"COMPLETE": 6}
     warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
-    assert warnings == ["hpo: warning: vectorize: BatchNorm1d at 1 updates running statistics in train mode "
-                        "(no per-slot handling yet); running trials one at a time"]
+    assert warnings == ["hpo: warning: vectorize: GRU at rnn uses fused recurrent kernels that vmap cannot batch; "
+                        "running trials one at a time"]
     assert all(t.user_attrs["hpo:vectorized_width"] == 1 for t in study.get_trials())
+
+
+def test_a_batch_norm_model_trains_in_groups(tmp_path, capfd) -> None:
+    space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}, "model": {"width": 16, "norm": True}}
+    study, summary = run_study(pop_study(tmp_path, "bn", vectorize={"width": 3}, baseline=[], n_trials=6, space=space),
+                               str(tmp_path / "bn.journal"), "bn")
+    assert summary.states == {"COMPLETE": 6} and "warning" not in capfd.readouterr().err
+    assert [t.user_attrs["hpo:vectorized_width"] for t in study.get_trials()] == [3] * 6
+    assert study.best_value > 0.8
 
 
 def test_auto_width_is_measured_and_recorded(tmp_path, capfd) -> None:

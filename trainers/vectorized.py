@@ -86,9 +86,7 @@ def signature(model: nn.Module, *, exact: bool = False) -> tuple:
 def check_model(model: nn.Module) -> None:
     """Raises `NotVectorizable` for what is known not to stack, before any work."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            raise NotVectorizable(f"{type(module).__name__} at {name or 'the root'} updates running statistics in train mode "
-                                  "(no per-slot handling yet)")
+        # Batch norm stacks: its running statistics are stacked buffers that vmap updates per slot.
         if isinstance(module, (nn.RNNBase,)):
             raise NotVectorizable(f"{type(module).__name__} at {name} uses fused recurrent kernels that vmap cannot batch")
 
@@ -673,11 +671,15 @@ class StackedTrainer:
     def _probe(self, models: Sequence[nn.Module]) -> None:
         x = self.data.train[0][: self.config.batch_size]
         batch = (x,) if not self.per_slot_data else (x.expand(self.size, *x.shape),)
+        # A train-mode forward moves batch norm's running statistics: the probe must leave none moved.
+        buffers = {k: v.clone() for k, v in self.model.buffers.items()}
         try:
             with self.autocast():
                 out = self.model(batch[0], shared=not self.per_slot_data)
             out.float().sum().backward()
             self.optimizer.zero_grad()
+            for k, v in buffers.items():
+                self.model.buffers[k].copy_(v)
             # Same outputs as the models themselves (eval mode, so dropout does not differ): this
             # catches modules whose forward keeps Python state that stacking would share.
             self.model.eval()
