@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import trainers
@@ -168,3 +170,19 @@ def test_trial_scheduler_hyperparameters_override_the_config() -> None:
 def test_unknown_scheduler_option_names_the_setting() -> None:
     with pytest.raises(ValueError, match="^scheduler cosine has no option gamma"):
         trainers.TrainerConfig(scheduler={"name": "cosine", "gamma": 0.1})
+
+
+def test_label_smoothing_smooths_the_training_loss_only() -> None:
+    def smoothed(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1], label_smoothing=0.2)
+
+    config = trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu", seed=0)
+    by_hand = trainers.fit(make_model(), make_data(), config, train_step=smoothed)
+    by_config = trainers.fit(make_model(), make_data(), dataclasses.replace(config, label_smoothing=0.2))
+    by_trial = trainers.fit(make_model(), make_data(), config, hparams={"label_smoothing": 0.2})
+    plain = trainers.fit(make_model(), make_data(), config)
+    assert by_config.history == by_hand.history == by_trial.history
+    assert by_config.history[0]["train_loss"] != plain.history[0]["train_loss"]
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match="label_smoothing must be at least 0 and below 1"):
+            trainers.TrainerConfig(label_smoothing=bad)

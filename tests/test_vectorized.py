@@ -243,6 +243,25 @@ def test_each_slot_stops_early_and_logs_its_epochs_as_fit_does_for_the_trial_alo
     assert stopped >= 1  # the test would show nothing if no slot stopped early
 
 
+def test_each_slot_smooths_its_labels_as_fit_does_for_the_trial_alone() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=3, batch_size=32, device="cpu", label_smoothing=0.05)
+    seeds = [71, 72, 73]
+    hparams = [{**HPARAMS[0], "label_smoothing": 0.0}, {**HPARAMS[1], "label_smoothing": 0.3}, HPARAMS[2]]  # the last: 0.05
+    models = [mlp(s) for s in seeds]
+    trainer = StackedTrainer(data, config, per_slot_data=True)
+    trainer.start([copy.deepcopy(m) for m in models], [Slot(key=i, hparams=h, seed=s) for i, (h, s) in enumerate(zip(hparams, seeds))])
+    for _ in range(config.epochs):
+        trainer.train_epoch()
+    for i, (model, seed) in enumerate(zip(models, seeds)):
+        state = solo_run(model, data, dataclasses.replace(config, seed=seed), hparams[i])
+        for solo_epoch, slot_epoch in zip(state.history, trainer.slots[i].history, strict=True):
+            for name, value in solo_epoch.items():
+                assert slot_epoch[name] == pytest.approx(value, rel=1e-4, abs=1e-5), (i, name)
+    with pytest.raises(NotVectorizable, match="label_smoothing must be at least 0 and below 1"):
+        check_hparams({"label_smoothing": 1.0}, config)
+
+
 def test_fp16_slots_scale_their_own_losses_and_skip_only_their_own_overflowing_step() -> None:
     data = toy_data()
     config = trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu", precision="fp16-mixed")

@@ -24,6 +24,9 @@ class TrainerConfig:
         optimizer: default optimizer name when the hyperparameters do not name one.
         lr: default learning rate when the hyperparameters do not give one.
         weight_decay: default weight decay when the hyperparameters do not give one.
+        label_smoothing: classification's training loss is cross-entropy against targets smoothed
+            by this much (a trial's ``label_smoothing`` hyperparameter overrides it); the
+            validation loss stays plain cross-entropy, so trials with different smoothing compare.
         threads: torch CPU threads for this run; ``None`` keeps torch's choice.
         shuffle: reshuffle the training set every epoch.
         precision: ``32``, ``bf16-mixed`` or ``fp16-mixed`` (autocast; fp16 adds a gradient scaler).
@@ -62,6 +65,7 @@ class TrainerConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0
     threads: int | None = None
     shuffle: bool = True
     precision: str | int = "32"
@@ -100,6 +104,7 @@ class TrainerConfig:
             raise ValueError(f"lr must be positive but got {self.lr!r}.")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay cannot be negative but got {self.weight_decay!r}.")
+        check_label_smoothing(self.label_smoothing)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1 but got {self.threads!r}.")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -128,6 +133,12 @@ class TrainerConfig:
     def direction(self) -> str:
         """``min`` or ``max`` for `monitor`, resolving ``auto`` from the metric's name."""
         return resolve_mode(self.monitor, self.mode)
+
+
+def check_label_smoothing(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"label_smoothing must be at least 0 and below 1 but got {value!r}.")
+    return float(value)
 
 
 def resolve_mode(metric: str, mode: str = "auto") -> str:

@@ -18,7 +18,7 @@ import torch
 from trainers import metrics as metrics_mod
 from trainers.callbacks import Dispatch, EarlyStopping
 from trainers.checkpoint import Checkpoints
-from trainers.config import TrainerConfig
+from trainers.config import TrainerConfig, check_label_smoothing
 from trainers.data import Data, Split, batches, n_batches, place
 from trainers.loggers import build_loggers
 from trainers.optim import Update, build_optimizer
@@ -93,14 +93,15 @@ def fit(
 
     Args:
         hparams: optimizer and schedule hyperparameters: ``optimizer`` (a name, or a dict with
-            ``name`` and the optimizer's own arguments), ``lr``, ``weight_decay`` and ``scheduler``
-            (a name or a dict, merged over `config.scheduler`); `config` gives defaults.
+            ``name`` and the optimizer's own arguments), ``lr``, ``weight_decay``, ``scheduler``
+            (a name or a dict, merged over `config.scheduler`) and ``label_smoothing``; `config`
+            gives defaults.
         kind: ``classification`` or ``regression``, selecting the default steps and metrics.
         train_step, eval_step: replace the defaults (see `trainers.steps`).
     """
     state, data, update, checkpoints = setup(model, data, config, list(callbacks), hparams or {})
     emit = Dispatch(state.callbacks)
-    train_step = train_step or train_step_for(kind)
+    train_step = train_step or train_step_for(kind, label_smoothing=label_smoothing(config, hparams or {}))
     eval_step = eval_step or eval_step_for(kind, top_k=config.top_k)
     forward_model = torch.compile(state.model) if config.compile else state.model
     autocast = autocast_for(config.precision, state.device)
@@ -234,6 +235,11 @@ def built_in_callbacks(config: TrainerConfig, log_dir: str | None) -> list[Any]:
         built_in.append(EarlyStopping(config.monitor, config.early_stopping_patience,
                                       config.early_stopping_min_delta, config.direction))
     return built_in
+
+
+def label_smoothing(config: TrainerConfig, hparams: Mapping[str, Any]) -> float:
+    """The trial's ``label_smoothing`` hyperparameter, else the config's."""
+    return check_label_smoothing(hparams.get("label_smoothing", config.label_smoothing))
 
 
 def optimizer_spec(config: TrainerConfig, hparams: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,9 +20,11 @@ TrainStep = Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 EvalStep = Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], dict[str, torch.Tensor]]
 
 
-def classification_train_step(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def classification_train_step(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, ...], *, label_smoothing: float = 0.0
+) -> torch.Tensor:
     x, y = batch
-    return F.cross_entropy(model(x), y)
+    return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
 
 
 def classification_eval_step(
@@ -57,7 +59,9 @@ METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
-def train_step_for(kind: str) -> TrainStep:
+def train_step_for(kind: str, *, label_smoothing: float = 0.0) -> TrainStep:
+    if kind == "classification" and label_smoothing:
+        return partial(classification_train_step, label_smoothing=label_smoothing)
     return _STEPS[kind][0]
 
 

@@ -39,7 +39,7 @@ from trainers.callbacks import Dispatch
 from trainers.checkpoint import Checkpoints
 from trainers.config import TrainerConfig
 from trainers.data import Data, n_batches
-from trainers.loop import NonFiniteLossError, State, built_in_callbacks, optimizer_spec, resolve_device
+from trainers.loop import NonFiniteLossError, State, built_in_callbacks, label_smoothing, optimizer_spec, resolve_device
 from trainers.optim import build_optimizer
 from trainers.precision import autocast_for
 from trainers.schedule import Schedule, build_schedule, check_spec, merge
@@ -106,13 +106,15 @@ def check_settings(config: TrainerConfig, data: Data) -> None:
 
 def check_hparams(hparams: Mapping[str, Any], config: TrainerConfig) -> dict[str, Any]:
     """The slot's optimizer spec; raises `NotVectorizable` for an optimizer or option not stacked yet
-    (and for a schedule spec that `fit` would reject, so that the trial fails alone, with fit's error)."""
-    schedule = merge(config.scheduler, hparams.get("scheduler"))
-    if schedule is not None:
-        try:
+    (and for a schedule or label smoothing that `fit` would reject, so that the trial fails alone,
+    with fit's error)."""
+    try:
+        schedule = merge(config.scheduler, hparams.get("scheduler"))
+        if schedule is not None:
             check_spec(schedule)
-        except ValueError as err:
-            raise NotVectorizable(str(err)) from None
+        label_smoothing(config, hparams)
+    except ValueError as err:
+        raise NotVectorizable(str(err)) from None
     spec = optimizer_spec(config, hparams)
     name = str(spec.get("name", "adam")).lower()
     if name not in STACKED_OPTIMIZERS:
@@ -501,6 +503,7 @@ class Slot:
     best: float | None = None  # as `State.best` and `State.best_epoch`, kept by the checkpoints
     best_epoch: int = -1
     base_lr: float = 0.0  # the slot's learning rate before any schedule; set by the trainer
+    label_smoothing: float = 0.0  # of its training loss (classification); set by the trainer
 
     def stop(self, reason: str) -> None:
         """Ends this slot after the current epoch."""
@@ -609,6 +612,7 @@ class StackedTrainer:
         if self.per_slot_data and slot.generator is None and slot.seed is not None:
             slot.generator = torch.Generator().manual_seed(slot.seed)
         slot.base_lr = float(spec["lr"])
+        slot.label_smoothing = label_smoothing(self.config, slot.hparams)
         self.optimizer.groups[index] = self._schedule(slot)
         slot.callbacks = [*built_in_callbacks(self.config, slot.log_dir), *slot.callbacks]
         self.checkpoints[index] = self._checkpoints(slot)
@@ -713,11 +717,23 @@ class StackedTrainer:
                 index = order[start:start + size]
                 yield x[index], y[index], True
 
-    def _loss(self, out: torch.Tensor, y: torch.Tensor, shared: bool) -> torch.Tensor:
+    def _smoothing(self) -> torch.Tensor | None:
+        """Each slot's label smoothing, [K], or None when no slot smooths."""
+        if self.kind != "classification" or not any(s.label_smoothing for s in self.slots):
+            return None
+        return torch.tensor([s.label_smoothing for s in self.slots], device=self.device)
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor, shared: bool, smoothing: torch.Tensor | None = None) -> torch.Tensor:
         """Each slot's mean loss over the batch, [K]."""
         k = out.shape[0]
         targets = y.expand(k, *y.shape) if shared else y
-        if self.kind == "classification":
+        if self.kind == "classification" and smoothing is not None:
+            # F.cross_entropy's label smoothing, with a value per slot: (1 - e) nll + e mean(-log p).
+            log_p = F.log_softmax(out.float(), dim=-1)
+            nll = -log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            eps = smoothing.view(-1, 1)
+            per = (1 - eps) * nll - eps * log_p.mean(-1)
+        elif self.kind == "classification":
             per = F.cross_entropy(out.flatten(0, 1), targets.flatten(0, 1), reduction="none")
         else:
             per = F.mse_loss(out.reshape(targets.shape), targets, reduction="none")
@@ -733,12 +749,13 @@ class StackedTrainer:
         steps = 0
         accumulate = config.accumulate_grad_batches
         batches = list(self._train_batches())
+        smoothing = self._smoothing()
         for i, (x, y, shared) in enumerate(batches):
             if self.stop is not None and self.stop():
                 raise Stopped(list(self.slots))
             with self.autocast():
                 out = model(x, shared=shared)
-            losses = self._loss(out, y, shared)
+            losses = self._loss(out, y, shared, smoothing)
             total = (losses * scaler.scale).sum() if scaler is not None else losses.sum()
             (total / accumulate if accumulate > 1 else total).backward()
             if (i + 1) % accumulate == 0 or i + 1 == len(batches):
