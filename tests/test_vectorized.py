@@ -128,29 +128,40 @@ def solo_run(model: nn.Module, data: trainers.Data, config: trainers.TrainerConf
     return trainers.fit(model, data, config, hparams=hparams)
 
 
+def grouped_run(models: list[nn.Module], hparams: list[dict], seeds: list[int], data: trainers.Data,
+                config: trainers.TrainerConfig) -> StackedTrainer:
+    """The models trained as one group, each slot drawing its batch order from its seed as `fit` does."""
+    trainer = StackedTrainer(data, config, per_slot_data=True)
+    trainer.start([copy.deepcopy(m) for m in models], [Slot(key=i, hparams=h, seed=s) for i, (h, s) in enumerate(zip(hparams, seeds))])
+    for _ in range(config.epochs):
+        trainer.train_epoch()
+    return trainer
+
+
+def assert_as_alone(slot: Slot, weights: dict[str, torch.Tensor] | None, alone: trainers.State, rel: float = 1e-4,
+                    abs: float = 1e-5) -> None:
+    """The slot's curve (and weights, when given) are the solo run's, within float tolerance."""
+    for solo_epoch, slot_epoch in zip(alone.history, slot.history, strict=True):
+        for name, value in solo_epoch.items():
+            assert slot_epoch[name] == pytest.approx(value, rel=rel, abs=abs), (slot.key, name)
+    for name, value in (alone.model.state_dict().items() if weights is not None else ()):
+        torch.testing.assert_close(weights[name], value, rtol=rel, atol=abs)
+
+
 @pytest.mark.parametrize("make", [mlp, Residual], ids=["batched-matmul", "vmap"])
 def test_grouped_training_gives_each_trial_its_solo_curve_and_weights(make) -> None:
     data = toy_data()
     config = trainers.TrainerConfig(epochs=4, batch_size=32, device="cpu")
     seeds = [11, 12, 13, 14, 15]
-    slots = [Slot(key=i, hparams=HPARAMS[i], seed=s) for i, s in enumerate(seeds)]
     # The batched path also stacks MLPs whose activations differ.
     acts = [nn.ReLU, nn.GELU, nn.Tanh, nn.ReLU, nn.SiLU]
     models = [make(s, act=acts[i]) if make is mlp else make(s) for i, s in enumerate(seeds)]
-    trainer = StackedTrainer(data, config, per_slot_data=True)
-    trainer.start([copy.deepcopy(m) for m in models], slots)
+    trainer = grouped_run(models, HPARAMS, seeds, data, config)
     assert (trainer.model.plan is not None) == (make is mlp)
-    for _ in range(config.epochs):
-        trainer.train_epoch()
     for i, (model, seed) in enumerate(zip(models, seeds)):
         # Solo with the same seed: same initial weights, same data order (per-slot data).
         state = solo_run(model, data, dataclasses.replace(config, seed=seed), HPARAMS[i])
-        for solo_epoch, slot_epoch in zip(state.history, trainer.slots[i].history, strict=True):
-            for name, value in solo_epoch.items():
-                assert slot_epoch[name] == pytest.approx(value, rel=1e-4, abs=1e-5), (i, name)
-        stacked = trainer.model.slot_state_dict(i)
-        for name, value in state.model.state_dict().items():
-            torch.testing.assert_close(stacked[name], value, rtol=1e-4, atol=1e-5)
+        assert_as_alone(trainer.slots[i], trainer.model.slot_state_dict(i), state)
 
 
 def test_each_slot_follows_its_own_learning_rate_schedule_as_fit_does() -> None:
@@ -168,12 +179,7 @@ def test_each_slot_follows_its_own_learning_rate_schedule_as_fit_does() -> None:
     for i, (model, seed) in enumerate(zip(models, seeds)):
         state = solo_run(model, data, dataclasses.replace(config, seed=seed), hparams[i])
         assert slots[i].schedule.scheduler.optimizer.param_groups[0]["lr"] == state.optimizer.param_groups[0]["lr"]
-        for solo_epoch, slot_epoch in zip(state.history, slots[i].history, strict=True):
-            for name, value in solo_epoch.items():
-                assert slot_epoch[name] == pytest.approx(value, rel=1e-4, abs=1e-5), (i, name)
-        stacked = trainer.model.slot_state_dict(i)
-        for name, value in state.model.state_dict().items():
-            torch.testing.assert_close(stacked[name], value, rtol=1e-4, atol=1e-5)
+        assert_as_alone(slots[i], trainer.model.slot_state_dict(i), state)
     assert slots[2].schedule.scheduler.optimizer.param_groups[0]["lr"] < HPARAMS[2]["lr"]  # the plateau did reduce
 
 
@@ -249,15 +255,10 @@ def test_each_slot_smooths_its_labels_as_fit_does_for_the_trial_alone() -> None:
     seeds = [71, 72, 73]
     hparams = [{**HPARAMS[0], "label_smoothing": 0.0}, {**HPARAMS[1], "label_smoothing": 0.3}, HPARAMS[2]]  # the last: 0.05
     models = [mlp(s) for s in seeds]
-    trainer = StackedTrainer(data, config, per_slot_data=True)
-    trainer.start([copy.deepcopy(m) for m in models], [Slot(key=i, hparams=h, seed=s) for i, (h, s) in enumerate(zip(hparams, seeds))])
-    for _ in range(config.epochs):
-        trainer.train_epoch()
+    trainer = grouped_run(models, hparams, seeds, data, config)
     for i, (model, seed) in enumerate(zip(models, seeds)):
         state = solo_run(model, data, dataclasses.replace(config, seed=seed), hparams[i])
-        for solo_epoch, slot_epoch in zip(state.history, trainer.slots[i].history, strict=True):
-            for name, value in solo_epoch.items():
-                assert slot_epoch[name] == pytest.approx(value, rel=1e-4, abs=1e-5), (i, name)
+        assert_as_alone(trainer.slots[i], trainer.model.slot_state_dict(i), state)
     with pytest.raises(NotVectorizable, match="label_smoothing must be at least 0 and below 1"):
         check_hparams({"label_smoothing": 1.0}, config)
 
@@ -425,19 +426,12 @@ def test_batch_norm_keeps_running_statistics_per_slot_as_each_trial_alone() -> N
         return nn.Sequential(nn.Linear(12, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
 
     models = [with_bn(s) for s in seeds]
-    trainer = StackedTrainer(data, config, per_slot_data=True)
-    trainer.start([copy.deepcopy(m) for m in models], [Slot(key=i, hparams=HPARAMS[i], seed=s) for i, s in enumerate(seeds)])
-    for _ in range(config.epochs):
-        trainer.train_epoch()
+    trainer = grouped_run(models, HPARAMS, seeds, data, config)
     for i, (model, seed) in enumerate(zip(models, seeds)):
         state = solo_run(model, data, dataclasses.replace(config, seed=seed), HPARAMS[i])
-        for solo_epoch, slot_epoch in zip(state.history, trainer.slots[i].history, strict=True):
-            for name, value in solo_epoch.items():
-                assert slot_epoch[name] == pytest.approx(value, rel=1e-4, abs=1e-5), (i, name)
-        stacked = trainer.model.slot_state_dict(i)
-        for name, value in state.model.state_dict().items():  # running mean, variance and batch count too
-            torch.testing.assert_close(stacked[name], value, rtol=1e-4, atol=1e-5)
-    assert stacked["1.num_batches_tracked"].item() == config.epochs * 9
+        # Running mean, variance and batch count are among the weights compared.
+        assert_as_alone(trainer.slots[i], trainer.model.slot_state_dict(i), state)
+    assert trainer.model.slot_state_dict(0)["1.num_batches_tracked"].item() == config.epochs * 9
 
 
 class Branchy(nn.Module):
