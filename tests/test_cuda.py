@@ -23,7 +23,7 @@ import trainers
 from hpo.examples.images import convnet, digits_images
 from hpo.storage import open_storage
 from trainers import checkpoint
-from trainers.vectorized import Slot, StackedTrainer, fit_stacked
+from trainers.vectorized import Slot, StackedTrainer, Stopped, fit_stacked
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -156,6 +156,24 @@ def test_grouped_fp16_with_schedules_trains_on_cuda() -> None:
     trainer = fit_stacked(models, slots, data, config)
     assert trainer.scaler.scale.device.type == "cuda"
     assert all(s.history[-1]["val_accuracy"] > 0.5 and math.isfinite(s.history[-1]["train_loss"]) for s in slots)
+
+
+def test_a_batch_norm_conv_slot_checkpointed_on_cuda_resumes_alone(tmp_path: Path) -> None:
+    data = digits_images()
+    config = trainers.TrainerConfig(epochs=3, device="cuda", precision="bf16-mixed")
+
+    def conv_bn(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
+
+    slots = [Slot(key=i, hparams={"lr": 3e-3, "optimizer": name}, seed=i, checkpoint_dir=str(tmp_path / str(i)))
+             for i, name in enumerate(("adam", "sgd"))]
+    with pytest.raises(Stopped):
+        fit_stacked([conv_bn(i) for i in range(2)], slots, data, config, stop=lambda: all(s.epoch == 2 for s in slots))
+    for slot in slots:
+        resumed = trainers.fit(conv_bn(99), data, dataclasses.replace(config, checkpoint_dir=slot.checkpoint_dir), hparams=slot.hparams)
+        assert resumed.resumed and len(resumed.history) == 3 and resumed.history[:2] == slot.history
+        assert math.isfinite(resumed.history[-1]["val_loss"]) and next(resumed.model.parameters()).device.type == "cuda"
 
 
 @pytest.mark.e2e
