@@ -73,6 +73,8 @@ HPARAMS = [
     {"lr": 0.003, "weight_decay": 0.05, "optimizer": {"name": "adamw", "beta2": 0.99}},
     {"lr": 0.1, "optimizer": {"name": "sgd", "momentum": 0.5, "nesterov": False}},
     {"lr": 0.2, "weight_decay": 1e-2, "optimizer": "sgd"},
+    {"lr": 0.01, "weight_decay": 1e-3, "optimizer": {"name": "rmsprop", "alpha": 0.9, "momentum": 0.5}},
+    {"lr": 0.05, "optimizer": {"name": "adagrad", "lr_decay": 0.01, "initial_accumulator_value": 0.1}},
 ]
 
 
@@ -86,10 +88,13 @@ HPARAMS = [
     [{"name": "adam", "lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 1e-2},
      {"name": "adam", "lr": 3e-3, "eps": 1e-6}],
     [{"name": "adamw", "lr": 1e-2, "weight_decay": 0.1}, {"name": "adamw", "lr": 2e-3, "beta1": 0.95}],
+    [{"name": "rmsprop", "lr": 1e-2, "alpha": 0.9, "momentum": 0.8, "weight_decay": 1e-2}, {"name": "rmsprop", "lr": 3e-3}],
+    [{"name": "adagrad", "lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}, {"name": "adagrad", "lr": 0.05, "weight_decay": 0.1}],
     # One group mixing every kind: each slot follows its own rule.
     [{"name": "adam", "lr": 1e-2}, {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
-     {"name": "adamw", "lr": 5e-3, "weight_decay": 0.3}, {"name": "sgd", "lr": 0.3}],
-], ids=["sgd", "adam", "adamw", "mixed"])
+     {"name": "adamw", "lr": 5e-3, "weight_decay": 0.3}, {"name": "sgd", "lr": 0.3},
+     {"name": "rmsprop", "lr": 1e-3, "momentum": 0.5}, {"name": "adagrad", "lr": 0.02}],
+], ids=["sgd", "adam", "adamw", "rmsprop", "adagrad", "mixed"])
 def test_stacked_optimizer_follows_torch_optim_step_for_step(specs: list[dict]) -> None:
     k = len(specs)
     g = torch.Generator().manual_seed(1)
@@ -114,8 +119,10 @@ def test_stacked_optimizer_follows_torch_optim_step_for_step(specs: list[dict]) 
 
 def test_hparams_the_stacked_loop_cannot_take_are_named() -> None:
     config = trainers.TrainerConfig()
-    with pytest.raises(NotVectorizable, match="optimizer rmsprop"):
-        check_hparams({"optimizer": "rmsprop"}, config)
+    with pytest.raises(NotVectorizable, match="optimizer lbfgs"):
+        check_hparams({"optimizer": "lbfgs"}, config)
+    with pytest.raises(NotVectorizable, match="centered RMSprop"):
+        check_hparams({"optimizer": {"name": "rmsprop", "centered": True}}, config)
     with pytest.raises(NotVectorizable, match="amsgrad"):
         check_hparams({"optimizer": {"name": "adam", "amsgrad": True}}, config)
     assert check_hparams({"lr": 0.1, "optimizer": {"name": "sgd", "momentum": 0.9}}, config)["lr"] == 0.1
@@ -187,9 +194,10 @@ def test_each_slot_follows_its_own_learning_rate_schedule_as_fit_does() -> None:
 def test_a_trial_resumes_alone_from_the_checkpoint_its_slot_wrote(tmp_path, schedule) -> None:
     data = toy_data()
     config = trainers.TrainerConfig(epochs=4, batch_size=32, device="cpu", scheduler=schedule)
-    seeds = [41, 42, 43]
-    # Adam, SGD with nesterov momentum, AdamW: each optimizer's state must come back as torch keeps it.
-    slots = [Slot(key=i, hparams=HPARAMS[i], seed=s, checkpoint_dir=str(tmp_path / f"slot-{i}")) for i, s in enumerate(seeds)]
+    seeds = [41, 42, 43, 44, 45]
+    hparams = [HPARAMS[i] for i in (0, 1, 2, 5, 6)]
+    # Adam, SGD (nesterov), AdamW, RMSprop (momentum), Adagrad: each one's state must come back as torch keeps it.
+    slots = [Slot(key=i, hparams=h, seed=s, checkpoint_dir=str(tmp_path / f"slot-{i}")) for i, (h, s) in enumerate(zip(hparams, seeds))]
     # As a worker told to stop: the group ends before the third epoch's first batch.
     with pytest.raises(Stopped):
         fit_stacked([mlp(s) for s in seeds], slots, data, config, per_slot_data=True,
@@ -197,8 +205,8 @@ def test_a_trial_resumes_alone_from_the_checkpoint_its_slot_wrote(tmp_path, sche
     for i, seed in enumerate(seeds):
         directory = tmp_path / f"slot-{i}"
         assert checkpoint_mod.load(directory / "last.pt")["epoch"] == 1 and (directory / "best.pt").exists()
-        straight = solo_run(mlp(seed), data, dataclasses.replace(config, seed=seed), HPARAMS[i])
-        resumed = solo_run(mlp(99), data, dataclasses.replace(config, seed=seed, checkpoint_dir=str(directory)), HPARAMS[i])
+        straight = solo_run(mlp(seed), data, dataclasses.replace(config, seed=seed), hparams[i])
+        resumed = solo_run(mlp(99), data, dataclasses.replace(config, seed=seed, checkpoint_dir=str(directory)), hparams[i])
         assert resumed.resumed and len(resumed.history) == 4
         for a, b in zip(straight.history, resumed.history, strict=True):
             for name, value in a.items():

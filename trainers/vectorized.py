@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.optim.adagrad import adagrad
+from torch.optim.rmsprop import rmsprop
 
 from trainers import metrics as metrics_mod
 from trainers.callbacks import Dispatch
@@ -44,12 +46,14 @@ from trainers.optim import build_optimizer
 from trainers.precision import autocast_for
 from trainers.schedule import Schedule, build_schedule, check_spec, merge
 
-STACKED_OPTIMIZERS = ("sgd", "adam", "adamw")
+STACKED_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 # Options each stacked optimizer takes per slot (torch.optim's names; beta1/beta2 as in build_optimizer).
 OPTIMIZER_OPTIONS = {
     "sgd": {"lr", "weight_decay", "momentum", "nesterov", "dampening"},
     "adam": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps"},
     "adamw": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps"},
+    "rmsprop": {"lr", "weight_decay", "alpha", "eps", "momentum", "centered"},
+    "adagrad": {"lr", "weight_decay", "lr_decay", "eps", "initial_accumulator_value"},
 }
 # Parameter-free element-wise modules: applied to a [K, B, ...] tensor they act on each slot alone.
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
@@ -124,6 +128,11 @@ def check_hparams(hparams: Mapping[str, Any], config: TrainerConfig) -> dict[str
         raise NotVectorizable(f"optimizer {name} option {', '.join(unknown)} is not stacked yet")
     if name == "sgd" and spec.get("dampening", 0) != 0:
         raise NotVectorizable("SGD dampening is not stacked yet")
+    if name == "rmsprop" and spec.get("centered"):
+        raise NotVectorizable("centered RMSprop is not stacked yet")
+    if name in ("rmsprop", "adagrad") and str(config.precision) == "fp16-mixed":
+        # Their stacked updates have no kernel that skips an overflowing slot on the device.
+        raise NotVectorizable(f"{name} with precision fp16-mixed is not stacked yet")
     return {**spec, "name": name}
 
 
@@ -313,8 +322,9 @@ class StackedModel:
 
 
 class StackedOptimizer:
-    """SGD (momentum, nesterov), Adam and AdamW on stacked tensors, each slot with its own kind and
-    hyperparameters, numerically as `torch.optim` with ``fused=True``.
+    """SGD (momentum, nesterov), Adam, AdamW, RMSprop (momentum) and Adagrad on stacked tensors,
+    each slot with its own kind and hyperparameters, numerically as `torch.optim` (``fused=True``
+    for the first three, whose kernels also skip an fp16 slot's overflowing step on the device).
 
     Slot k's parameters, gradients and state are the views ``t[k]`` of the stacked tensors (no
     copies), and each slot's update is one call of torch's fused kernel over all of its tensors:
@@ -330,10 +340,17 @@ class StackedOptimizer:
         # Per slot, the param group of a scheduled slot's stand-in torch optimizer (see
         # `StackedTrainer`): each step takes its lr, and one-cycle's momentum or betas, from it.
         self.groups: list[dict[str, Any] | None] = [None] * len(specs)
-        self.m = [torch.zeros_like(p) for p in params]  # SGD's momentum buffer, Adam's first moment
-        self.v = [torch.zeros_like(p) for p in params]  # Adam's second moment
+        self.m = [torch.zeros_like(p) for p in params]  # SGD's and RMSprop's momentum buffer, Adam's first moment
+        self.v = [torch.zeros_like(p) for p in params]  # Adam's second moment, RMSprop's square average, Adagrad's sum
         self.steps = [torch.zeros((), dtype=torch.float32, device=params[0].device) for _ in specs]
         self._views()
+        for k, spec in enumerate(self.raw):
+            self._initial_sum(k, spec)
+
+    def _initial_sum(self, index: int, spec: Mapping[str, Any]) -> None:
+        if spec["name"] == "adagrad" and spec.get("initial_accumulator_value", 0):
+            for v in self.slot_v[index]:
+                v.fill_(float(spec["initial_accumulator_value"]))
 
     def _views(self) -> None:
         # Per slot, the views of its tensors, made once (`unbind` is one call per tensor, not per slot).
@@ -363,6 +380,18 @@ class StackedOptimizer:
                 torch._fused_sgd_(params, grads, m if options["momentum"] else [], is_first_step=False,
                                   maximize=False, dampening=0.0, found_inf=skip, **options)
                 continue
+            if kind in ("rmsprop", "adagrad"):
+                # torch.optim's own functional update (foreach: one pass per op over the slot's
+                # tensors), which adds 1 to each step tensor it is given: copies, and one count kept here.
+                steps = [self.steps[k].clone() for _ in live]
+                if kind == "rmsprop":
+                    rmsprop(params, grads, pick(self.slot_v[k]), [], m if options["momentum"] else [],
+                                                steps, foreach=True, centered=False, **options)
+                else:
+                    adagrad(params, grads, pick(self.slot_v[k]), steps, foreach=True, maximize=False,
+                                                **options)
+                self.steps[k] += 1
+                continue
             self.steps[k] += 1
             fused = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
             fused(params, grads, m, pick(self.slot_v[k]), [], [self.steps[k]] * len(live),
@@ -378,11 +407,17 @@ class StackedOptimizer:
         optimizer = build_optimizer(placeholders, self.raw[index])
         if self.groups[index] is not None:  # a schedule's current values, and its initial_lr
             optimizer.param_groups[0].update({k: v for k, v in self.groups[index].items() if k != "params"})
+        momentum = optimizer.param_groups[0].get("momentum")
         for i, p in enumerate(placeholders):
-            if kind != "sgd":
-                optimizer.state[p] = {"step": self.steps[index], "exp_avg": self.m[i][index], "exp_avg_sq": self.v[i][index]}
-            elif optimizer.param_groups[0]["momentum"]:
-                optimizer.state[p] = {"momentum_buffer": self.m[i][index]}
+            step, m, v = self.steps[index], self.m[i][index], self.v[i][index]
+            if kind in ("adam", "adamw"):
+                optimizer.state[p] = {"step": step, "exp_avg": m, "exp_avg_sq": v}
+            elif kind == "rmsprop":
+                optimizer.state[p] = {"step": step, "square_avg": v, **({"momentum_buffer": m} if momentum else {})}
+            elif kind == "adagrad":
+                optimizer.state[p] = {"step": step, "sum": v}
+            elif momentum:
+                optimizer.state[p] = {"momentum_buffer": m}
         return optimizer.state_dict()
 
     def reset_slot(self, index: int, spec: Mapping[str, Any], group: dict[str, Any] | None = None) -> None:
@@ -394,6 +429,7 @@ class StackedOptimizer:
         self.steps[index] = torch.zeros_like(self.steps[index])
         self.raw[index] = dict(spec)
         self.specs[index] = _fused_options(spec)
+        self._initial_sum(index, spec)
         self.groups[index] = group
 
     def rebind(self, params: list[torch.Tensor], indices: Sequence[int]) -> None:
@@ -412,9 +448,9 @@ class StackedOptimizer:
 def _scheduled(kind: str, options: dict[str, Any], group: Mapping[str, Any]) -> dict[str, Any]:
     """`options` with the schedule's current values from a torch param group."""
     options = {**options, "lr": group["lr"]}
-    if kind == "sgd":
+    if kind in ("sgd", "rmsprop"):
         options["momentum"] = group["momentum"]
-    else:
+    elif kind in ("adam", "adamw"):
         options["beta1"], options["beta2"] = group["betas"]
     return options
 
@@ -423,6 +459,13 @@ def _fused_options(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """The kernel and its keyword arguments for one slot, with torch.optim's defaults."""
     name = spec["name"]
     lr = float(spec.get("lr", 1e-3))
+    decay = float(spec.get("weight_decay", 0.0))
+    if name == "rmsprop":
+        return name, {"lr": lr, "alpha": float(spec.get("alpha", 0.99)), "eps": float(spec.get("eps", 1e-8)),
+                      "weight_decay": decay, "momentum": float(spec.get("momentum", 0.0))}
+    if name == "adagrad":
+        return name, {"lr": lr, "lr_decay": float(spec.get("lr_decay", 0.0)), "weight_decay": decay,
+                      "eps": float(spec.get("eps", 1e-10))}
     if name == "sgd":
         return name, {"lr": lr, "weight_decay": float(spec.get("weight_decay", 0.0)),
                       "momentum": float(spec.get("momentum", 0.0)), "nesterov": bool(spec.get("nesterov", False))}
