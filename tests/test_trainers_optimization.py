@@ -186,3 +186,13 @@ def test_label_smoothing_smooths_the_training_loss_only() -> None:
     for bad in (1.0, -0.1, True):
         with pytest.raises(ValueError, match="label_smoothing must be at least 0 and below 1"):
             trainers.TrainerConfig(label_smoothing=bad)
+
+
+def test_a_trial_s_gradient_clip_value_overrides_the_config_s() -> None:
+    config = trainers.TrainerConfig(epochs=1, batch_size=32, device="cpu", seed=0, gradient_clip_val=1.0)
+    by_trial = trainers.fit(make_model(), make_data(), config, hparams={"gradient_clip_val": 0.01})
+    by_config = trainers.fit(make_model(), make_data(), dataclasses.replace(config, gradient_clip_val=0.01))
+    loose = trainers.fit(make_model(), make_data(), config)
+    assert by_trial.history == by_config.history != loose.history
+    with pytest.raises(ValueError, match="gradient_clip_val must be positive"):
+        trainers.fit(make_model(), make_data(), config, hparams={"gradient_clip_val": 0})

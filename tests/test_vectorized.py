@@ -271,6 +271,23 @@ def test_each_slot_smooths_its_labels_as_fit_does_for_the_trial_alone() -> None:
         check_hparams({"label_smoothing": 1.0}, config)
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_each_slot_clips_its_gradients_by_its_own_value_as_fit_does(algorithm: str) -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu", gradient_clip_val=0.5,
+                                    gradient_clip_algorithm=algorithm)
+    seeds = [81, 82, 83]
+    # Tight enough to bite: 0.05 and 0.01, and the config's 0.5 for the last.
+    hparams = [{**HPARAMS[0], "gradient_clip_val": 0.05}, {**HPARAMS[1], "gradient_clip_val": 0.01}, HPARAMS[4]]
+    models = [mlp(s) for s in seeds]
+    trainer = grouped_run(models, hparams, seeds, data, config)
+    unclipped = solo_run(mlp(seeds[1]), data, dataclasses.replace(config, seed=seeds[1], gradient_clip_val=None), HPARAMS[1])
+    for i, (model, seed) in enumerate(zip(models, seeds)):
+        state = solo_run(model, data, dataclasses.replace(config, seed=seed), hparams[i])
+        assert_as_alone(trainer.slots[i], trainer.model.slot_state_dict(i), state)
+    assert trainer.slots[1].history[-1]["train_loss"] != pytest.approx(unclipped.history[-1]["train_loss"], rel=1e-3)
+
+
 def test_fp16_slots_scale_their_own_losses_and_skip_only_their_own_overflowing_step() -> None:
     data = toy_data()
     config = trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu", precision="fp16-mixed")

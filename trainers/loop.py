@@ -94,8 +94,8 @@ def fit(
     Args:
         hparams: optimizer and schedule hyperparameters: ``optimizer`` (a name, or a dict with
             ``name`` and the optimizer's own arguments), ``lr``, ``weight_decay``, ``scheduler``
-            (a name or a dict, merged over `config.scheduler`) and ``label_smoothing``; `config`
-            gives defaults.
+            (a name or a dict, merged over `config.scheduler`), ``label_smoothing`` and
+            ``gradient_clip_val``; `config` gives defaults.
         kind: ``classification`` or ``regression``, selecting the default steps and metrics.
         train_step, eval_step: replace the defaults (see `trainers.steps`).
     """
@@ -189,7 +189,7 @@ def setup(
     state = State(model=model, optimizer=optimizer, config=config, device=device, schedule=schedule,
                   scaler=scaler, generator=generator, callbacks=[*built_in_callbacks(config, config.log_dir), *callbacks])
     update = Update(optimizer, accumulate=config.accumulate_grad_batches, scaler=scaler,
-                          clip_val=config.gradient_clip_val, clip_algorithm=config.gradient_clip_algorithm,
+                          clip_val=clip_value(config, hparams), clip_algorithm=config.gradient_clip_algorithm,
                           schedule=schedule)
     checkpoints = None
     if config.checkpoint_dir is not None:
@@ -235,6 +235,14 @@ def built_in_callbacks(config: TrainerConfig, log_dir: str | None) -> list[Any]:
         built_in.append(EarlyStopping(config.monitor, config.early_stopping_patience,
                                       config.early_stopping_min_delta, config.direction))
     return built_in
+
+
+def clip_value(config: TrainerConfig, hparams: Mapping[str, Any]) -> float | None:
+    """The trial's ``gradient_clip_val`` hyperparameter, else the config's (None: no clipping)."""
+    value = hparams.get("gradient_clip_val", config.gradient_clip_val)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        raise ValueError(f"gradient_clip_val must be positive but got {value!r}.")
+    return value
 
 
 def label_smoothing(config: TrainerConfig, hparams: Mapping[str, Any]) -> float:

@@ -41,7 +41,15 @@ from trainers.callbacks import Dispatch
 from trainers.checkpoint import Checkpoints
 from trainers.config import TrainerConfig
 from trainers.data import Data, n_batches
-from trainers.loop import NonFiniteLossError, State, built_in_callbacks, label_smoothing, optimizer_spec, resolve_device
+from trainers.loop import (
+    NonFiniteLossError,
+    State,
+    built_in_callbacks,
+    clip_value,
+    label_smoothing,
+    optimizer_spec,
+    resolve_device,
+)
 from trainers.optim import build_optimizer
 from trainers.precision import autocast_for
 from trainers.schedule import Schedule, build_schedule, check_spec, merge
@@ -117,6 +125,7 @@ def check_hparams(hparams: Mapping[str, Any], config: TrainerConfig) -> dict[str
         if schedule is not None:
             check_spec(schedule)
         label_smoothing(config, hparams)
+        clip_value(config, hparams)
     except ValueError as err:
         raise NotVectorizable(str(err)) from None
     spec = optimizer_spec(config, hparams)
@@ -547,6 +556,7 @@ class Slot:
     best_epoch: int = -1
     base_lr: float = 0.0  # the slot's learning rate before any schedule; set by the trainer
     label_smoothing: float = 0.0  # of its training loss (classification); set by the trainer
+    clip: float | None = None  # its gradient_clip_val; set by the trainer
 
     def stop(self, reason: str) -> None:
         """Ends this slot after the current epoch."""
@@ -656,6 +666,7 @@ class StackedTrainer:
             slot.generator = torch.Generator().manual_seed(slot.seed)
         slot.base_lr = float(spec["lr"])
         slot.label_smoothing = label_smoothing(self.config, slot.hparams)
+        slot.clip = clip_value(self.config, slot.hparams)
         self.optimizer.groups[index] = self._schedule(slot)
         slot.callbacks = [*built_in_callbacks(self.config, slot.log_dir), *slot.callbacks]
         self.checkpoints[index] = self._checkpoints(slot)
@@ -792,7 +803,7 @@ class StackedTrainer:
         steps = 0
         accumulate = config.accumulate_grad_batches
         batches = list(self._train_batches())
-        smoothing = self._smoothing()
+        smoothing, clip = self._smoothing(), self._clip_values()
         for i, (x, y, shared) in enumerate(batches):
             if self.stop is not None and self.stop():
                 raise Stopped(list(self.slots))
@@ -805,7 +816,7 @@ class StackedTrainer:
                 found_inf = None
                 if scaler is not None:
                     found_inf = scaler.unscale([p.grad for p in model.parameters() if p.grad is not None])
-                self._clip()
+                self._clip(clip)
                 optimizer.step(found_inf)
                 if scaler is not None:
                     scaler.update(found_inf)
@@ -826,20 +837,27 @@ class StackedTrainer:
                 slot.error = NonFiniteLossError(f"training loss is {metrics['train_loss']} at epoch {slot.epoch}")
         return self.slots
 
-    def _clip(self) -> None:
-        value = self.config.gradient_clip_val
+    def _clip_values(self) -> torch.Tensor | None:
+        """Each slot's gradient clip value, [K] (inf: not clipped), or None when no slot clips."""
+        if all(s.clip is None for s in self.slots):
+            return None
+        return torch.tensor([math.inf if s.clip is None else s.clip for s in self.slots], device=self.device)
+
+    def _clip(self, value: torch.Tensor | None) -> None:
+        """Each slot's gradients clipped by its own value."""
         if value is None:
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        per_slot = lambda t, g: t.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)  # noqa: E731
         if self.config.gradient_clip_algorithm == "value":
             for g in grads:
-                g.clamp_(-value, value)
+                g.clamp_(-per_slot(value, g), per_slot(value, g))
             return
         # Per slot: the total norm over that slot's parameters, as clip_grad_norm_ computes it.
         norms = torch.stack([g.flatten(1).float().pow(2).sum(1) for g in grads]).sum(0).sqrt()
         coef = (value / (norms + 1e-6)).clamp(max=1.0)
         for g in grads:
-            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+            g.mul_(per_slot(coef, g))
 
     @torch.no_grad()
     def evaluate(self, train_loss: torch.Tensor | None = None) -> list[dict[str, float]]:
