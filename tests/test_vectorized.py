@@ -198,10 +198,18 @@ def test_a_trial_resumes_alone_from_the_checkpoint_its_slot_wrote(tmp_path, sche
     hparams = [HPARAMS[i] for i in (0, 1, 2, 5, 6)]
     # Adam, SGD (nesterov), AdamW, RMSprop (momentum), Adagrad: each one's state must come back as torch keeps it.
     slots = [Slot(key=i, hparams=h, seed=s, checkpoint_dir=str(tmp_path / f"slot-{i}")) for i, (h, s) in enumerate(zip(hparams, seeds))]
+    seen: list[str] = []
+
+    class Watch:
+        def on_exception(self, slot: Slot, error: BaseException) -> None:
+            seen.append(type(error).__name__)
+
+    slots[0].callbacks.append(Watch())
     # As a worker told to stop: the group ends before the third epoch's first batch.
     with pytest.raises(Stopped):
         fit_stacked([mlp(s) for s in seeds], slots, data, config, per_slot_data=True,
                     stop=lambda: all(slot.epoch == 2 for slot in slots))
+    assert seen == ["Stopped"]  # as `fit` tells its callbacks of an interruption
     for i, seed in enumerate(seeds):
         directory = tmp_path / f"slot-{i}"
         assert checkpoint_mod.load(directory / "last.pt")["epoch"] == 1 and (directory / "best.pt").exists()

@@ -637,6 +637,8 @@ class StackedTrainer:
         for k, (slot, spec) in enumerate(zip(self.slots, specs)):
             self._prepare(k, slot, spec)
         self._probe(models)
+        for k, slot in enumerate(self.slots):
+            self._attach(k, slot)
 
     def replace(self, index: int, model: nn.Module, slot: Slot) -> None:
         """Slot `index` starts over with `model` (fresh weights and optimizer state) as `slot`."""
@@ -647,6 +649,7 @@ class StackedTrainer:
             self.scaler.reset_slot(index)
         self.slots[index] = slot
         self._prepare(index, slot, spec)
+        self._attach(index, slot)
 
     def keep(self, indices: Sequence[int]) -> None:
         """Drops every slot not in `indices` (the group shrinks)."""
@@ -661,13 +664,17 @@ class StackedTrainer:
         self.checkpoints = [self.checkpoints[i] for i in indices]
 
     def _prepare(self, index: int, slot: Slot, spec: Mapping[str, Any]) -> None:
-        """What `fit`'s setup does for one run: data order, schedule, built-in callbacks, checkpoints."""
+        """What `fit`'s setup does for one run's training: data order, lr, smoothing, clipping, schedule."""
         if self.per_slot_data and slot.generator is None and slot.seed is not None:
             slot.generator = torch.Generator().manual_seed(slot.seed)
         slot.base_lr = float(spec["lr"])
         slot.label_smoothing = label_smoothing(self.config, slot.hparams)
         slot.clip = clip_value(self.config, slot.hparams)
         self.optimizer.groups[index] = self._schedule(slot)
+
+    def _attach(self, index: int, slot: Slot) -> None:
+        # After the probe: a group that falls back to solo runs has opened no logger (an MLflow
+        # run, a TensorBoard file) that its trials' solo runs would then open again.
         slot.callbacks = [*built_in_callbacks(self.config, slot.log_dir), *slot.callbacks]
         self.checkpoints[index] = self._checkpoints(slot)
 
@@ -944,6 +951,12 @@ def fit_stacked(
                 Dispatch(fresh.callbacks)("on_fit_start", fresh)
             if len(keep) < trainer.size:
                 trainer.keep(keep)
+    except BaseException as error:  # as `fit` does: the slots still training see it (loggers close)
+        for slot in trainer.slots:
+            if not slot.done:
+                with contextlib.suppress(Exception):
+                    Dispatch(slot.callbacks)("on_exception", slot, error)
+        raise
     finally:
         trainer.wait_checkpoints()  # a slot handed back resumes from what was written
     return trainer
