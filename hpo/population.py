@@ -3,9 +3,9 @@ architecture, and trains each group as one stacked model (`trainers.vectorized`)
 
 - **Grouping.** Each asked trial's model is built at once, under the trial's seed (the same
   weights it would start from alone), and trials whose models have the same signature (parameter
-  names and shapes, module types) form a group. Learning rate, weight decay, momentum, betas and
-  dropout rate vary per slot. A trial whose model or hyperparameters cannot be stacked runs alone,
-  as in the ordinary worker.
+  names and shapes, module types) form a group. Optimizer and its hyperparameters, schedule,
+  dropout rate, label smoothing and gradient-clip value vary per slot. A trial whose model or
+  hyperparameters cannot be stacked runs alone, as in the ordinary worker.
 - **Reporting and pruning per slot.** After every validation each slot reports to its own trial
   and asks the pruner (`objective.PruningCallback`, as a solo trial does); a pruned, finished or
   failed slot is told at once.
