@@ -17,6 +17,7 @@ import torch
 import yaml
 from conftest import ROOT, hpo
 from optuna.trial import TrialState
+from test_trainers_checkpoint import Crash, CrashAt, make_data, make_model
 from torch import nn
 
 import trainers
@@ -28,41 +29,16 @@ from trainers.vectorized import Slot, StackedTrainer, Stopped, fit_stacked
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def make_data(n: int = 256, n_val: int = 64) -> trainers.Data:
-    g = torch.Generator().manual_seed(0)
-    x, xv = torch.randn(n, 8, generator=g), torch.randn(n_val, 8, generator=g)
-    w = torch.randn(8, 3, generator=g)
-    return trainers.Data((x, (x @ w).argmax(1)), (xv, (xv @ w).argmax(1)))
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt:
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_start(self, state: trainers.State) -> None:
-        if state.epoch == self.epoch:
-            raise Crash
-
-
 def test_a_run_resumed_on_cuda_continues_the_uninterrupted_curve(tmp_path: Path) -> None:
     settings = dict(epochs=6, batch_size=32, seed=7, device="cuda", optimizer="adamw",
                     scheduler={"name": "cosine", "warmup_steps": 5})
-    straight_model = make_model()
+    straight_model = make_model(0)
     straight = trainers.fit(straight_model, make_data(), trainers.TrainerConfig(**settings, checkpoint_dir=str(tmp_path / "a")))
     assert next(straight_model.parameters()).device.type == "cuda"
 
     config = trainers.TrainerConfig(**settings, checkpoint_dir=str(tmp_path / "b"))
     with pytest.raises(Crash):
-        trainers.fit(make_model(), make_data(), config, [CrashAt(3)])
+        trainers.fit(make_model(0), make_data(), config, [CrashAt(3)])
     saved = checkpoint.load(tmp_path / "b" / "last.pt")
     assert saved["epoch"] == 2 and all(t.device.type == "cpu" for t in saved["model"].values())
     torch.manual_seed(123)  # the resumed process's own RNG state must not matter, the CUDA one included
@@ -78,7 +54,7 @@ def test_a_run_resumed_on_cuda_continues_the_uninterrupted_curve(tmp_path: Path)
 
 
 def test_fp16_scaler_on_cuda_skips_the_step_with_an_inf_gradient() -> None:
-    model = make_model()
+    model = make_model(0)
     scales: list[float] = []
 
     class Watch:
@@ -87,7 +63,7 @@ def test_fp16_scaler_on_cuda_skips_the_step_with_an_inf_gradient() -> None:
 
     calls = iter(range(100))
     model[0].weight.register_hook(lambda g: g * math.inf if next(calls) == 2 else g)
-    config = trainers.TrainerConfig(epochs=1, batch_size=64, device="cuda", precision="fp16-mixed", seed=0)
+    config = trainers.TrainerConfig(epochs=2, batch_size=64, device="cuda", precision="fp16-mixed", seed=0)
     state = trainers.fit(model, make_data(), config, [Watch()])
     assert scales[3] == scales[2] / 2
     assert math.isfinite(state.metrics["train_loss"])
@@ -95,7 +71,7 @@ def test_fp16_scaler_on_cuda_skips_the_step_with_an_inf_gradient() -> None:
 
 def test_bf16_mixed_on_cuda_runs_the_forward_in_bfloat16() -> None:
     dtypes: list[torch.dtype] = []
-    model = make_model()
+    model = make_model(0)
     model[0].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     state = trainers.fit(model, make_data(), trainers.TrainerConfig(epochs=2, device="cuda", precision="bf16-mixed"))
     assert set(dtypes) == {torch.bfloat16} and math.isfinite(state.metrics["val_loss"])
@@ -114,7 +90,7 @@ def test_cuda_out_of_memory_is_reported_as_such() -> None:
     with pytest.raises(trainers.OutOfMemoryError, match=r"^out of memory on cuda(:0)? at epoch 0, optimizer step 0 \(batch_size 64"):
         trainers.fit(Greedy(), make_data(), trainers.TrainerConfig(epochs=1, device="cuda"))
     # The loop freed what it could: the next fit on the same device runs.
-    trainers.fit(make_model(), make_data(), trainers.TrainerConfig(epochs=1, device="cuda"))
+    trainers.fit(make_model(0), make_data(), trainers.TrainerConfig(epochs=1, device="cuda"))
 
 
 def test_a_compiled_channels_last_conv_net_trains_in_bf16() -> None:
