@@ -123,6 +123,11 @@ def test_hparams_the_stacked_loop_cannot_take_are_named() -> None:
         check_hparams({"optimizer": "lbfgs"}, config)
     with pytest.raises(NotVectorizable, match="centered RMSprop"):
         check_hparams({"optimizer": {"name": "rmsprop", "centered": True}}, config)
+    # What `fit` itself rejects fails that trial alone (it runs solo), never its group.
+    with pytest.raises(NotVectorizable, match="Nesterov momentum requires a momentum"):
+        check_hparams({"optimizer": {"name": "sgd", "nesterov": True}}, config)
+    with pytest.raises(NotVectorizable, match="momentum"):
+        check_hparams({"optimizer": "adagrad", "scheduler": "one-cycle"}, config)
     with pytest.raises(NotVectorizable, match="amsgrad"):
         check_hparams({"optimizer": {"name": "adam", "amsgrad": True}}, config)
     assert check_hparams({"lr": 0.1, "optimizer": {"name": "sgd", "momentum": 0.9}}, config)["lr"] == 0.1
@@ -294,6 +299,53 @@ def test_each_slot_clips_its_gradients_by_its_own_value_as_fit_does(algorithm: s
         state = solo_run(model, data, dataclasses.replace(config, seed=seed), hparams[i])
         assert_as_alone(trainer.slots[i], trainer.model.slot_state_dict(i), state)
     assert trainer.slots[1].history[-1]["train_loss"] != pytest.approx(unclipped.history[-1]["train_loss"], rel=1e-3)
+
+
+class Tempered(nn.Module):
+    """A 0-dim parameter (a temperature): its stacked form is [K]."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin, self.temperature = nn.Linear(12, 4), nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) / self.temperature
+
+
+def test_a_0_dim_parameter_is_clipped_and_scaled_per_slot() -> None:
+    data = toy_data()
+    seeds = [91, 92]
+    for config in (trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu", gradient_clip_val=0.1),
+                   trainers.TrainerConfig(epochs=1, batch_size=32, device="cpu", precision="fp16-mixed")):
+        models = [Tempered(s) for s in seeds]
+        trainer = grouped_run(models, HPARAMS[:2], seeds, data, config)
+        for i, (model, seed) in enumerate(zip(models, seeds)):
+            state = solo_run(model, data, dataclasses.replace(config, seed=seed), HPARAMS[i])
+            assert_as_alone(trainer.slots[i], trainer.model.slot_state_dict(i), state, rel=2e-3, abs=2e-3)
+
+
+def test_a_stopped_group_tells_every_slot_that_had_no_last_event() -> None:
+    data = toy_data()
+    models = [mlp(1), mlp(2)]
+    with torch.no_grad():
+        models[1][0].weight.fill_(math.nan)  # slot 1's loss is NaN: it fails in its first epoch
+    seen: dict[int, str] = {}
+
+    class Watch:
+        def __init__(self, key: int) -> None:
+            self.key = key
+
+        def on_exception(self, slot: Slot, error: BaseException) -> None:
+            seen[self.key] = type(error).__name__
+
+    slots = [Slot(key=i, hparams=HPARAMS[i], callbacks=[Watch(i)]) for i in range(2)]
+    batches = iter(range(10**6))  # 9 batches an epoch, then the stop before the first slot's end
+    with pytest.raises(Stopped) as stopped:
+        fit_stacked(models, slots, data, trainers.TrainerConfig(epochs=3, batch_size=32, device="cpu"),
+                    stop=lambda: next(batches) >= 9)
+    assert seen == {0: "Stopped", 1: "NonFiniteLossError"}
+    assert stopped.value.slots == slots
 
 
 def test_fp16_slots_scale_their_own_losses_and_skip_only_their_own_overflowing_step() -> None:

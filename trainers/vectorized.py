@@ -52,7 +52,7 @@ from trainers.loop import (
 )
 from trainers.optim import build_optimizer
 from trainers.precision import autocast_for
-from trainers.schedule import Schedule, build_schedule, check_spec, merge
+from trainers.schedule import Schedule, build_schedule, merge
 
 STACKED_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 # Options each stacked optimizer takes per slot (torch.optim's names; beta1/beta2 as in build_optimizer).
@@ -117,17 +117,9 @@ def check_settings(config: TrainerConfig, data: Data) -> None:
 
 
 def check_hparams(hparams: Mapping[str, Any], config: TrainerConfig) -> dict[str, Any]:
-    """The slot's optimizer spec; raises `NotVectorizable` for an optimizer or option not stacked yet
-    (and for a schedule or label smoothing that `fit` would reject, so that the trial fails alone,
-    with fit's error)."""
-    try:
-        schedule = merge(config.scheduler, hparams.get("scheduler"))
-        if schedule is not None:
-            check_spec(schedule)
-        label_smoothing(config, hparams)
-        clip_value(config, hparams)
-    except ValueError as err:
-        raise NotVectorizable(str(err)) from None
+    """The slot's optimizer spec; raises `NotVectorizable` for an optimizer or option not stacked yet,
+    and for settings `fit` would reject (an optimizer option, a schedule, label smoothing, a clip
+    value), so that the trial runs alone and fails there with fit's error, not its group."""
     spec = optimizer_spec(config, hparams)
     name = str(spec.get("name", "adam")).lower()
     if name not in STACKED_OPTIMIZERS:
@@ -142,6 +134,17 @@ def check_hparams(hparams: Mapping[str, Any], config: TrainerConfig) -> dict[str
     if name in ("rmsprop", "adagrad") and str(config.precision) == "fp16-mixed":
         # Their stacked updates have no kernel that skips an overflowing slot on the device.
         raise NotVectorizable(f"{name} with precision fp16-mixed is not stacked yet")
+    try:
+        # Built as `fit` builds them, on a placeholder: what `fit` rejects (an option the optimizer
+        # does not take, a schedule it cannot drive) must fail this trial alone, not its group.
+        stand_in = build_optimizer([torch.zeros((), requires_grad=True)], spec)
+        schedule = merge(config.scheduler, hparams.get("scheduler"))
+        if schedule is not None:
+            build_schedule(stand_in, schedule, total_steps=2, steps_per_epoch=1, monitor=config.monitor, mode=config.direction)
+        label_smoothing(config, hparams)
+        clip_value(config, hparams)
+    except ValueError as err:
+        raise NotVectorizable(str(err)) from None
     return {**spec, "name": name}
 
 
@@ -351,7 +354,7 @@ class StackedOptimizer:
         self.groups: list[dict[str, Any] | None] = [None] * len(specs)
         self.m = [torch.zeros_like(p) for p in params]  # SGD's and RMSprop's momentum buffer, Adam's first moment
         self.v = [torch.zeros_like(p) for p in params]  # Adam's second moment, RMSprop's square average, Adagrad's sum
-        self.steps = [torch.zeros((), dtype=torch.float32, device=params[0].device) for _ in specs]
+        self.steps = [_step_counter(s["name"], params[0].device) for s in self.raw]
         self._views()
         for k, spec in enumerate(self.raw):
             self._initial_sum(k, spec)
@@ -435,7 +438,7 @@ class StackedOptimizer:
             for m, v in zip(self.m, self.v):
                 m[index].zero_()
                 v[index].zero_()
-        self.steps[index] = torch.zeros_like(self.steps[index])
+        self.steps[index] = _step_counter(spec["name"], self.params[0].device)
         self.raw[index] = dict(spec)
         self.specs[index] = _fused_options(spec)
         self._initial_sum(index, spec)
@@ -452,6 +455,12 @@ class StackedOptimizer:
         self.specs = [self.specs[i] for i in indices]
         self.groups = [self.groups[i] for i in indices]
         self._views()
+
+
+def _step_counter(kind: str, device: torch.device) -> torch.Tensor:
+    # On the CPU for RMSprop and Adagrad, as torch.optim keeps it: Adagrad reads it on the host
+    # every step, which on a GPU would be a sync per tensor.
+    return torch.zeros((), dtype=torch.float32, device="cpu" if kind in ("rmsprop", "adagrad") else device)
 
 
 def _scheduled(kind: str, options: dict[str, Any], group: Mapping[str, Any]) -> dict[str, Any]:
@@ -502,7 +511,7 @@ class StackedScaler:
         found = torch.zeros_like(self.scale, dtype=torch.bool)
         for g in grads:
             g.mul_(inv.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
-            found |= ~torch.isfinite(g).flatten(1).all(1)
+            found |= ~torch.isfinite(g).reshape(len(g), -1).all(1)
         return found.float()
 
     def update(self, found_inf: torch.Tensor) -> None:
@@ -691,16 +700,18 @@ class StackedTrainer:
         checkpoints, slot = self.checkpoints[index], self.slots[index]
         if checkpoints is None or slot.error is not None:
             return
-        scaler = _StateDict(self.scaler.slot_state_dict(index)) if self.scaler is not None else None
-        state = State(model=_StateDict(self.model.slot_state_dict(index)), optimizer=_StateDict(self.optimizer.slot_state_dict(index)),
-                      config=self.config, device=self.device, epoch=slot.epoch, global_step=slot.global_step,
-                      metrics=slot.metrics, history=slot.history, should_stop=slot.should_stop, stop_reason=slot.stop_reason,
-                      schedule=slot.schedule, scaler=scaler, generator=slot.generator or self.generator,
-                      callbacks=slot.callbacks, best=slot.best, best_epoch=slot.best_epoch)
         try:
+            scaler = _StateDict(self.scaler.slot_state_dict(index)) if self.scaler is not None else None
+            state = State(model=_StateDict(self.model.slot_state_dict(index)),
+                          optimizer=_StateDict(self.optimizer.slot_state_dict(index)), config=self.config,
+                          device=self.device, epoch=slot.epoch, global_step=slot.global_step, metrics=slot.metrics,
+                          history=slot.history, should_stop=slot.should_stop, stop_reason=slot.stop_reason,
+                          schedule=slot.schedule, scaler=scaler, generator=slot.generator or self.generator,
+                          callbacks=slot.callbacks, best=slot.best, best_epoch=slot.best_epoch)
             checkpoints.save(state)
         except Exception as err:
             slot.error = err
+            return
         slot.best, slot.best_epoch = state.best, state.best_epoch
 
     def wait_checkpoints(self, index: int | None = None) -> None:
@@ -861,7 +872,7 @@ class StackedTrainer:
                 g.clamp_(-per_slot(value, g), per_slot(value, g))
             return
         # Per slot: the total norm over that slot's parameters, as clip_grad_norm_ computes it.
-        norms = torch.stack([g.flatten(1).float().pow(2).sum(1) for g in grads]).sum(0).sqrt()
+        norms = torch.stack([g.reshape(len(g), -1).float().pow(2).sum(1) for g in grads]).sum(0).sqrt()
         coef = (value / (norms + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(per_slot(coef, g))
@@ -922,13 +933,15 @@ def fit_stacked(
     trainer.start(models, slots)
     for slot in trainer.slots:
         Dispatch(slot.callbacks)("on_fit_start", slot)
+    ended: set[int] = set()  # ids of the slots that had their last event
     try:
         while trainer.size:
             trainer.train_epoch()
-            keep, replacements = [], []
+            keep, replacements = [], {}
             for index, slot in enumerate(trainer.slots):
                 if stop is not None and stop():
-                    raise Stopped(trainer.slots[index:] + [trainer.slots[i] for i in keep])
+                    training = [trainer.slots[i] for i in keep if i not in replacements]
+                    raise Stopped(trainer.slots[index:] + training + [fresh for _, fresh in replacements.values()])
                 _validation_end(slot)
                 if slot.epoch + 1 >= config.epochs and not slot.done:
                     slot.stop("finished")
@@ -939,23 +952,24 @@ def fit_stacked(
                     continue
                 trainer.wait_checkpoints(index)  # on disk before the slot's end is told, as `fit` does
                 _fit_end(slot)
+                ended.add(id(slot))
                 if on_slot_end is not None:
                     on_slot_end(slot)
                 new = refill(slot) if refill is not None else None
                 if new is not None:
-                    replacements.append((index, new))
+                    model, hparams, key, slot_seed, callbacks, dirs = new
+                    replacements[index] = (model, Slot(key=key, hparams=hparams, seed=slot_seed, callbacks=list(callbacks), **dirs))
                     keep.append(index)
-            for index, (model, hparams, key, slot_seed, callbacks, dirs) in replacements:
-                fresh = Slot(key=key, hparams=hparams, seed=slot_seed, callbacks=list(callbacks), **dirs)
+            for index, (model, fresh) in replacements.items():
                 trainer.replace(index, model, fresh)
                 Dispatch(fresh.callbacks)("on_fit_start", fresh)
             if len(keep) < trainer.size:
                 trainer.keep(keep)
-    except BaseException as error:  # as `fit` does: the slots still training see it (loggers close)
+    except BaseException as error:  # as `fit` does: every slot not yet ended sees it (loggers close)
         for slot in trainer.slots:
-            if not slot.done:
+            if id(slot) not in ended:
                 with contextlib.suppress(Exception):
-                    Dispatch(slot.callbacks)("on_exception", slot, error)
+                    Dispatch(slot.callbacks)("on_exception", slot, slot.error or error)
         raise
     finally:
         trainer.wait_checkpoints()  # a slot handed back resumes from what was written
