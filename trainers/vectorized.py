@@ -140,7 +140,7 @@ def check_hparams(hparams: Mapping[str, Any], config: TrainerConfig) -> dict[str
         stand_in = build_optimizer([torch.zeros((), requires_grad=True)], spec)
         schedule = merge(config.scheduler, hparams.get("scheduler"))
         if schedule is not None:
-            build_schedule(stand_in, schedule, total_steps=2, steps_per_epoch=1, monitor=config.monitor, mode=config.direction)
+            build_schedule(stand_in, schedule, total_steps=100, steps_per_epoch=10, monitor=config.monitor, mode=config.direction)
         label_smoothing(config, hparams)
         clip_value(config, hparams)
     except ValueError as err:
