@@ -8,12 +8,13 @@ layers, element-wise activations and dropout runs as batched matrix products, an
 through `torch.func.vmap` over `functional_call`. The loss is the *sum* of the slots' mean
 losses, so each slot's gradient is exactly its own model's gradient.
 
-Per slot: the optimizer and its learning rate, weight decay, momentum and nesterov (SGD), betas
-and eps (Adam, AdamW), each slot updated by torch's fused kernel on its views of the stacked
-tensors (as `torch.optim` with ``fused=True``); the dropout rate, as a stacked buffer; fp16's loss
-scale; and in the batched-matmul path the activation. A slot can be replaced (fresh weights and optimizer state,
-its epoch count back to 0) or dropped, so a caller can prune and refill slots while the others
-train on.
+Per slot, as `fit` does for one run: the optimizer (SGD, Adam, AdamW by torch's fused kernels,
+RMSprop and Adagrad by torch.optim's functional updates, each on the slot's views of the stacked
+tensors) and its hyperparameters; the learning-rate schedule; the dropout rate, as a stacked
+buffer; batch norm's running statistics; label smoothing; the gradient-clip value; fp16's loss
+scale; early stopping, loggers and checkpoints in `fit`'s format; and in the batched-matmul path
+the activation. A slot can be replaced (fresh weights and optimizer state, its epoch count back
+to 0) or dropped, so a caller can prune and refill slots while the others train on.
 
 Models that cannot be stacked raise `NotVectorizable` when the group is built (the first
 forward and backward run there), so the caller can train them one at a time instead.
@@ -137,7 +138,7 @@ def check_hparams(hparams: Mapping[str, Any], config: TrainerConfig) -> dict[str
     try:
         # Built as `fit` builds them, on a placeholder: what `fit` rejects (an option the optimizer
         # does not take, a schedule it cannot drive) must fail this trial alone, not its group.
-        stand_in = build_optimizer([torch.zeros((), requires_grad=True)], spec)
+        stand_in = _stand_in(spec)
         schedule = merge(config.scheduler, hparams.get("scheduler"))
         if schedule is not None:
             build_schedule(stand_in, schedule, total_steps=100, steps_per_epoch=10, monitor=config.monitor, mode=config.direction)
@@ -397,11 +398,10 @@ class StackedOptimizer:
                 # tensors), which adds 1 to each step tensor it is given: copies, and one count kept here.
                 steps = [self.steps[k].clone() for _ in live]
                 if kind == "rmsprop":
-                    rmsprop(params, grads, pick(self.slot_v[k]), [], m if options["momentum"] else [],
-                                                steps, foreach=True, centered=False, **options)
+                    rmsprop(params, grads, pick(self.slot_v[k]), [], m if options["momentum"] else [], steps,
+                            foreach=True, centered=False, **options)
                 else:
-                    adagrad(params, grads, pick(self.slot_v[k]), steps, foreach=True, maximize=False,
-                                                **options)
+                    adagrad(params, grads, pick(self.slot_v[k]), steps, foreach=True, maximize=False, **options)
                 self.steps[k] += 1
                 continue
             self.steps[k] += 1
@@ -432,7 +432,7 @@ class StackedOptimizer:
                 optimizer.state[p] = {"momentum_buffer": m}
         return optimizer.state_dict()
 
-    def reset_slot(self, index: int, spec: Mapping[str, Any], group: dict[str, Any] | None = None) -> None:
+    def reset_slot(self, index: int, spec: Mapping[str, Any]) -> None:
         """Fresh state and hyperparameters for slot `index` (a refill)."""
         with torch.no_grad():
             for m, v in zip(self.m, self.v):
@@ -442,7 +442,7 @@ class StackedOptimizer:
         self.raw[index] = dict(spec)
         self.specs[index] = _fused_options(spec)
         self._initial_sum(index, spec)
-        self.groups[index] = group
+        self.groups[index] = None
 
     def rebind(self, params: list[torch.Tensor], indices: Sequence[int]) -> None:
         """Follows `StackedModel.keep`: new parameter tensors, state of the kept slots only."""
@@ -455,6 +455,12 @@ class StackedOptimizer:
         self.specs = [self.specs[i] for i in indices]
         self.groups = [self.groups[i] for i in indices]
         self._views()
+
+
+def _stand_in(spec: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The torch optimizer `fit` would build from `spec`, over one placeholder tensor: what
+    schedulers drive, and what says whether `fit` accepts the spec."""
+    return build_optimizer([torch.zeros((), requires_grad=True)], spec)
 
 
 def _step_counter(kind: str, device: torch.device) -> torch.Tensor:
@@ -737,7 +743,7 @@ class StackedTrainer:
         if spec is None:
             slot.schedule = None
             return None
-        stand_in = build_optimizer([torch.zeros((), requires_grad=True)], optimizer_spec(self.config, slot.hparams))
+        stand_in = _stand_in(optimizer_spec(self.config, slot.hparams))
         windows = -(-n_batches(self.data.train, self.config.batch_size) // self.config.accumulate_grad_batches)
         slot.schedule = build_schedule(stand_in, spec, total_steps=windows * self.config.epochs, steps_per_epoch=windows,
                                        monitor=self.config.monitor, mode=self.config.direction)
