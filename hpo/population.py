@@ -229,9 +229,7 @@ class Population:
         self.active.append(match)
         self._record_start(match, len(self.active))
         self._beat()
-        slot = self._slot(match)
-        return (match.model, match.params, match, match.seed, slot.callbacks,
-                {"checkpoint_dir": slot.checkpoint_dir, "log_dir": slot.log_dir})
+        return match.model, self._slot(match)
 
     def _end(self, slot: Slot) -> None:
         """Tells a finished, pruned or failed slot's trial at once."""

@@ -463,7 +463,7 @@ def test_a_slot_stopped_at_epoch_2_is_refilled_and_the_new_curve_starts_at_epoch
         if nxt is None:
             return None
         key, hparams, seed = nxt
-        return mlp(seed), hparams, key, seed, [Record(key)], {}
+        return mlp(seed), Slot(key=key, hparams=hparams, seed=seed, callbacks=[Record(key)])
 
     trainer = fit_stacked([mlp(1), mlp(2), mlp(3)], slots, data, config, refill=refill, on_slot_end=ended.append)
     assert trainer.size == 0

@@ -597,7 +597,7 @@ class _StateDict:
         return self._state
 
 
-Refill = Callable[[Slot], "tuple[nn.Module, dict[str, Any], Any, int | None, list[Any], dict[str, str | None]] | None"]
+Refill = Callable[[Slot], "tuple[nn.Module, Slot] | None"]
 
 
 class StackedTrainer:
@@ -926,9 +926,8 @@ def fit_stacked(
     ``on_epoch_end``): a callback stops its slot with ``slot.stop(reason)``; one that raises ends
     that slot only, with `slot.error`. A slot with a `checkpoint_dir` gets `fit`'s checkpoints there
     after each epoch. A slot that is done is handed to `on_slot_end`, then `refill(slot)` may give
-    ``(model, hparams, key, seed, callbacks, dirs)`` for a new slot in its place (``dirs``: its
-    `checkpoint_dir` and `log_dir`; its epochs start at 0); otherwise the group shrinks. The config's
-    loggers and early stopping act per slot, as `fit`'s do for one run.
+    ``(model, new_slot)`` to train in its place from epoch 0; otherwise the group shrinks. The
+    config's loggers and early stopping act per slot, as `fit`'s do for one run.
 
     `stop` is checked before every batch and every slot's end of epoch: when it returns True the
     run raises `Stopped` with the slots that were still training (e.g. a worker asked to quit
@@ -963,8 +962,7 @@ def fit_stacked(
                     on_slot_end(slot)
                 new = refill(slot) if refill is not None else None
                 if new is not None:
-                    model, hparams, key, slot_seed, callbacks, dirs = new
-                    replacements[index] = (model, Slot(key=key, hparams=hparams, seed=slot_seed, callbacks=list(callbacks), **dirs))
+                    replacements[index] = new
                     keep.append(index)
             for index, (model, fresh) in replacements.items():
                 trainer.replace(index, model, fresh)
