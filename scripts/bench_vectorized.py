@@ -16,7 +16,7 @@ time until a target accuracy was first reached, and the mean group size.
 
 On a GPU, the digits MLP and the small conv net of search_spaces/digits_conv.yaml, in bf16:
 
-    python scripts/bench_vectorized.py --device cuda --precision bf16-mixed --model mlp conv --width auto --trials 96
+    python scripts/bench_vectorized.py --device cuda --precision bf16-mixed --model mlp conv --width auto --trials 64 --epochs 10
 """
 
 from __future__ import annotations
