@@ -112,9 +112,12 @@ def trial_seed(config: Config, number: int) -> int | None:
     return None if base is None else base + number
 
 
-def trial_dir(root: str, config: Config, number: int) -> str:
-    """Trial `number`'s own checkpoint or log directory under `root`."""
-    return os.path.join(root, config.study.name, f"trial-{number}")
+def trial_dirs(config: Config, number: int) -> dict[str, str]:
+    """Trial `number`'s own ``checkpoint_dir`` and ``log_dir``, for those the trainer has: a shared
+    one would make trials resume each other."""
+    t = config.trainer
+    return {key: os.path.join(root, config.study.name, f"trial-{number}")
+            for key, root in (("checkpoint_dir", t.checkpoint_dir), ("log_dir", t.log_dir)) if root}
 
 
 def seed_torch(seed: int) -> None:
@@ -136,14 +139,12 @@ def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int |
         seed_torch(seed)
     # As the trial was when asked for: a retry's settings come with it (no storage read).
     attrs = trial._cached_frozen_trial.user_attrs
-    # A retry after running out of memory carries a smaller batch size.
+    # A retry after running out of memory carries a smaller batch size; a retry uses its original's
+    # directories, so it resumes from the last checkpoint written there.
     batch_size = attrs.get("hpo:batch_size", config.trainer.batch_size)
-    trainer_config = dataclasses.replace(config.trainer, seed=seed, threads=threads_for(config, threads), batch_size=batch_size)
-    # One checkpoint and log directory per trial (a shared one would make trials resume each
-    # other); a retry uses its original's, so it resumes from the last checkpoint written there.
-    run = attrs.get("hpo:resume_from", trial.number)
-    per_trial = {key: trial_dir(value, config, run) for key in ("checkpoint_dir", "log_dir") if (value := getattr(trainer_config, key))}
-    trainer_config = dataclasses.replace(trainer_config, **per_trial)
+    dirs = trial_dirs(config, attrs.get("hpo:resume_from", trial.number))
+    trainer_config = dataclasses.replace(config.trainer, seed=seed, threads=threads_for(config, threads),
+                                         batch_size=batch_size, **dirs)
     data = task.data(params)
     model = task.model(params, data)
     patience = config.study.storage_patience

@@ -209,10 +209,8 @@ class Population:
     def _slot(self, member: Member) -> Slot:
         metrics = self.config.study.metrics
         callbacks = [objective.PruningCallback(member.trial, metrics[0], self.patience)] if len(metrics) == 1 else []
-        trainer, number = self.config.trainer, member.trial.number
-        dirs = {key: objective.trial_dir(root, self.config, number) if (root := getattr(trainer, key)) else None
-                for key in ("checkpoint_dir", "log_dir")}
-        return Slot(key=member, hparams=member.params, seed=member.seed, callbacks=callbacks, **dirs)
+        return Slot(key=member, hparams=member.params, seed=member.seed, callbacks=callbacks,
+                    **objective.trial_dirs(self.config, member.trial.number))
 
     def _refill(self, slot: Slot):
         """A trial for the freed slot: a waiting one of the group's architecture, else one new

@@ -239,7 +239,7 @@ def test_fp16_slot_checkpoints_carry_the_slot_s_loss_scale(tmp_path) -> None:
     trainer.train_epoch()
     for i in range(2):
         trainer.checkpoint(i)
-    trainer.wait_checkpoints()
+    trainer.flush_checkpoints()
     saved = [checkpoint_mod.load(tmp_path / f"s{i}" / "last.pt")["scaler"] for i in range(2)]
     assert [s["scale"] for s in saved] == [2.0**16, 2.0**10]
     scaler = torch.amp.GradScaler("cpu")

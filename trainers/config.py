@@ -111,8 +111,7 @@ class TrainerConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N but got {self.device!r}.")
         if str(self.precision) not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} but got {self.precision!r}.")
-        if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
-            raise ValueError(f"gradient_clip_val must be positive but got {self.gradient_clip_val!r}.")
+        check_clip_value(self.gradient_clip_val)
         if self.gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm must be norm or value but got {self.gradient_clip_algorithm!r}.")
         if self.mode not in ("auto", "min", "max"):
@@ -133,6 +132,12 @@ class TrainerConfig:
     def direction(self) -> str:
         """``min`` or ``max`` for `monitor`, resolving ``auto`` from the metric's name."""
         return resolve_mode(self.monitor, self.mode)
+
+
+def check_clip_value(value: object) -> float | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        raise ValueError(f"gradient_clip_val must be positive but got {value!r}.")
+    return value
 
 
 def check_label_smoothing(value: object) -> float:

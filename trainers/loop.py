@@ -18,7 +18,7 @@ import torch
 from trainers import metrics as metrics_mod
 from trainers.callbacks import Dispatch, EarlyStopping
 from trainers.checkpoint import Checkpoints
-from trainers.config import TrainerConfig, check_label_smoothing
+from trainers.config import TrainerConfig, check_clip_value, check_label_smoothing
 from trainers.data import Data, Split, batches, n_batches, place
 from trainers.loggers import build_loggers
 from trainers.optim import Update, build_optimizer
@@ -239,10 +239,7 @@ def built_in_callbacks(config: TrainerConfig, log_dir: str | None) -> list[Any]:
 
 def clip_value(config: TrainerConfig, hparams: Mapping[str, Any]) -> float | None:
     """The trial's ``gradient_clip_val`` hyperparameter, else the config's (None: no clipping)."""
-    value = hparams.get("gradient_clip_val", config.gradient_clip_val)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-        raise ValueError(f"gradient_clip_val must be positive but got {value!r}.")
-    return value
+    return check_clip_value(hparams.get("gradient_clip_val", config.gradient_clip_val))
 
 
 def label_smoothing(config: TrainerConfig, hparams: Mapping[str, Any]) -> float:

@@ -491,12 +491,17 @@ def _fused_options(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         return name, {"lr": lr, "lr_decay": float(spec.get("lr_decay", 0.0)), "weight_decay": decay,
                       "eps": float(spec.get("eps", 1e-10))}
     if name == "sgd":
-        return name, {"lr": lr, "weight_decay": float(spec.get("weight_decay", 0.0)),
-                      "momentum": float(spec.get("momentum", 0.0)), "nesterov": bool(spec.get("nesterov", False))}
+        return name, {"lr": lr, "weight_decay": decay, "momentum": float(spec.get("momentum", 0.0)),
+                      "nesterov": bool(spec.get("nesterov", False))}
     beta1, beta2 = spec.get("betas", (spec.get("beta1", 0.9), spec.get("beta2", 0.999)))
     beta1, beta2 = float(spec.get("beta1", beta1)), float(spec.get("beta2", beta2))
     decay = float(spec.get("weight_decay", 1e-2 if name == "adamw" else 0.0))  # torch's defaults
     return name, {"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": decay, "eps": float(spec.get("eps", 1e-8))}
+
+
+def _per_slot(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[K] values shaped to scale or bound a stacked [K, ...] tensor slot by slot."""
+    return values.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
 class StackedScaler:
@@ -516,7 +521,7 @@ class StackedScaler:
         inv = self.scale.double().reciprocal().float()  # as GradScaler computes it
         found = torch.zeros_like(self.scale, dtype=torch.bool)
         for g in grads:
-            g.mul_(inv.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+            g.mul_(_per_slot(inv, g))
             found |= ~torch.isfinite(g).reshape(len(g), -1).all(1)
         return found.float()
 
@@ -720,20 +725,20 @@ class StackedTrainer:
             return
         slot.best, slot.best_epoch = state.best, state.best_epoch
 
-    def wait_checkpoints(self, index: int | None = None) -> None:
-        """Blocks until slot `index`'s writes (every slot's when None) are on disk; a slot whose
-        write failed gets the error (every slot's: errors are suppressed)."""
-        if index is None:
-            for checkpoints in self.checkpoints:
-                if checkpoints is not None:
-                    with contextlib.suppress(BaseException):
-                        checkpoints.wait()
-            return
+    def wait_checkpoints(self, index: int) -> None:
+        """Blocks until slot `index`'s writes are on disk; a write that failed fails the slot."""
         if self.checkpoints[index] is not None:
             try:
                 self.checkpoints[index].wait()
             except Exception as err:
                 self.slots[index].error = self.slots[index].error or err
+
+    def flush_checkpoints(self) -> None:
+        """Blocks until every slot's writes are on disk, whatever fails (the group is ending)."""
+        for checkpoints in self.checkpoints:
+            if checkpoints is not None:
+                with contextlib.suppress(BaseException):
+                    checkpoints.wait()
 
     def _schedule(self, slot: Slot) -> dict[str, Any] | None:
         """Builds the slot's schedule, as `fit` would, on a torch optimizer that stands in for the
@@ -828,6 +833,7 @@ class StackedTrainer:
         accumulate = config.accumulate_grad_batches
         batches = list(self._train_batches())
         smoothing, clip = self._smoothing(), self._clip_values()
+        per_step = [s.schedule.scheduler for s in self.slots if s.schedule is not None and s.schedule.interval == "step"]
         for i, (x, y, shared) in enumerate(batches):
             if self.stop is not None and self.stop():
                 raise Stopped(list(self.slots))
@@ -845,9 +851,8 @@ class StackedTrainer:
                 if scaler is not None:
                     scaler.update(found_inf)
                 optimizer.zero_grad()
-                for slot in self.slots:
-                    if slot.schedule is not None and slot.schedule.interval == "step":
-                        slot.schedule.scheduler.step()
+                for scheduler in per_step:
+                    scheduler.step()
             loss_sum += losses.detach()
             steps += 1
         for slot in self.slots:
@@ -872,16 +877,15 @@ class StackedTrainer:
         if value is None:
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        per_slot = lambda t, g: t.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)  # noqa: E731
         if self.config.gradient_clip_algorithm == "value":
             for g in grads:
-                g.clamp_(-per_slot(value, g), per_slot(value, g))
+                g.clamp_(-_per_slot(value, g), _per_slot(value, g))
             return
         # Per slot: the total norm over that slot's parameters, as clip_grad_norm_ computes it.
         norms = torch.stack([g.reshape(len(g), -1).float().pow(2).sum(1) for g in grads]).sum(0).sqrt()
         coef = (value / (norms + 1e-6)).clamp(max=1.0)
         for g in grads:
-            g.mul_(per_slot(coef, g))
+            g.mul_(_per_slot(coef, g))
 
     @torch.no_grad()
     def evaluate(self, train_loss: torch.Tensor | None = None) -> list[dict[str, float]]:
@@ -976,7 +980,7 @@ def fit_stacked(
                     Dispatch(slot.callbacks)("on_exception", slot, slot.error or error)
         raise
     finally:
-        trainer.wait_checkpoints()  # a slot handed back resumes from what was written
+        trainer.flush_checkpoints()  # a slot handed back resumes from what was written
     return trainer
 
 
