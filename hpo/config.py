@@ -23,7 +23,8 @@ from trainers import METRICS, TrainerConfig
 
 SECTIONS = {"study", "trainer", "task", "space", "baseline"}
 STUDY_KEYS = {"name", "direction", "directions", "metric", "metrics", "n_trials", "timeout", "seed", "sampler", "pruner",
-              "heartbeat_interval", "grace_period", "max_retries", "storage_patience", "oom_retries", "vectorize"}
+              "heartbeat_interval", "grace_period", "max_retries", "storage_patience", "oom_retries", "vectorize",
+              "ask_ahead"}
 VECTORIZE_KEYS = {"width", "data", "max_width", "lookahead"}
 VECTORIZE_DATA = ("shared", "per_slot")
 TASK_KEYS = {"model", "data", "kind", "train_step", "eval_step", "metrics"}
@@ -59,6 +60,9 @@ class StudyConfig:
     storage_patience: float = 600.0  # seconds a worker waits out an unreachable storage
     oom_retries: int = 0  # retries with half the batch size after running out of memory
     vectorize: Vectorize | None = None  # None: one trial at a time
+    # Ask for and sample the next trial while this one trains. None: on with a server storage
+    # (Redis, a database), off with a journal file, where one seeded worker stays reproducible.
+    ask_ahead: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,9 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
         report((*path, "grace_period"), f"grace period {liveness['grace_period']}s is not longer than the heartbeat interval {liveness['heartbeat_interval']}s (expected grace_period > heartbeat_interval)")
 
     vectorize = _vectorize(raw.get("vectorize"), (*path, "vectorize"), report) if "vectorize" in raw else None
+    ask_ahead = raw.get("ask_ahead")
+    if ask_ahead is not None and not isinstance(ask_ahead, bool):
+        report((*path, "ask_ahead"), f"{ask_ahead!r} is not true or false (expected true, false, or no ask_ahead for the storage's default)")
     sampler, sampler_options = _named(raw.get("sampler", "tpe"), (*path, "sampler"), samplers.SAMPLERS, report)
     pruner_raw = raw.get("pruner", "median")
     wrapped = None
@@ -228,7 +235,7 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
     if sampler == "grid" and n_trials is None and space_mod.grid(space):
         n_trials = math.prod(len(values) for values in space_mod.grid(space).values())
     return StudyConfig(name, tuple(directions), tuple(metrics), n_trials, timeout, seed, sampler, sampler_options, pruner, pruner_options, wrapped, **liveness,
-                       vectorize=vectorize)
+                       vectorize=vectorize, ask_ahead=ask_ahead if isinstance(ask_ahead, bool) else None)
 
 
 def _vectorize(raw: Any, path: tuple, report: Callable) -> Vectorize | None:

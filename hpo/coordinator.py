@@ -125,13 +125,30 @@ def budget_left(config: Config, trials: list[FrozenTrial], now: datetime.datetim
     """Whether a new trial may start: trials left, and the study's timeout not passed."""
     if config.study.n_trials is not None and len(counted(trials)) >= config.study.n_trials:
         return False
-    if config.study.timeout is not None:
-        starts = [t.datetime_start for t in trials if t.datetime_start is not None]
-        if starts:
-            elapsed = ((now or datetime.datetime.now()) - min(starts)).total_seconds()
-            if elapsed >= config.study.timeout:
-                return False
-    return True
+    return not timed_out(config, trials, now)
+
+
+def timed_out(config: Config, trials: list[FrozenTrial], now: datetime.datetime | None = None) -> bool:
+    """Whether the study's timeout has passed since its first trial started."""
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    if config.study.timeout is None or not starts:
+        return False
+    return ((now or datetime.datetime.now()) - min(starts)).total_seconds() >= config.study.timeout
+
+
+def others_may_requeue(config: Config, trials: list[FrozenTrial], worker: str, now: datetime.datetime | None = None) -> bool:
+    """With the budget spent, whether trials of other workers than `worker` still run: one whose
+    worker died is failed and re-queued after the grace period, and a worker that waits for that
+    runs it, so that a study whose last worker lives on loses nothing. Past the study's timeout
+    nothing starts, retries neither."""
+    return not timed_out(config, trials, now) and any(
+        t.state == TrialState.RUNNING and t.user_attrs.get("hpo:worker") != worker for t in trials)
+
+
+def fresh_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's trials, with every write so far (no read served from an earlier one)."""
+    refresh(study._storage)
+    return study.get_trials(deepcopy=False)
 
 
 def ask(study: optuna.Study, config: Config, n: int = 1,

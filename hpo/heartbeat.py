@@ -38,8 +38,8 @@ class Heartbeat:
     def __init__(self, study: optuna.Study, worker: str, interval: float, grace: float, max_retries: int) -> None:
         self.study, self.worker = study, worker
         self.interval, self.grace, self.max_retries = interval, grace, max_retries
-        self.trial_ids: list[int] = []
-        self.trial_numbers: list[int] = []
+        self._running: list[optuna.Trial] = []
+        self._ahead: list[optuna.Trial] = []  # asked and sampled, waiting for the running one to end
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
 
@@ -61,14 +61,22 @@ class Heartbeat:
         heartbeat (RDB) starts for them at once: a trial without one is never found stale. The
         journal heartbeat is the worker's, already beating; the trials carry ``hpo:worker``.
         """
-        trials = [] if trial is None else list(trial) if isinstance(trial, (list, tuple)) else [trial]
-        self.trial_ids = [t._trial_id for t in trials]
-        self.trial_numbers = [t.number for t in trials]
+        self._running = [] if trial is None else list(trial) if isinstance(trial, (list, tuple)) else [trial]
         self._beat_trials()
+
+    def ahead(self, trial: optuna.Trial | None) -> None:
+        """Marks the trial this worker asked for ahead (`worker.asks_ahead`): it is RUNNING in the
+        storage before it trains, and must be found stale too if the worker dies meanwhile."""
+        self._ahead = [] if trial is None else [trial]
+        self._beat_trials()
+
+    @property
+    def trial_numbers(self) -> list[int]:
+        return [t.number for t in (*self._running, *self._ahead)]
 
     def beat(self, alive: bool = True) -> None:
         storage = self.study._storage
-        numbers = list(self.trial_numbers)
+        numbers = self.trial_numbers
         record = {"host": socket.gethostname(), "pid": os.getpid(), "device": os.environ.get("CUDA_VISIBLE_DEVICES"),
                   "trial": numbers[0] if numbers else None, "beat": time.time(), "alive": alive}
         if len(numbers) > 1:
@@ -79,8 +87,8 @@ class Heartbeat:
     def _beat_trials(self) -> None:
         storage = self.study._storage
         if uses_optuna_heartbeat(storage):
-            for trial_id in list(self.trial_ids):
-                storage.record_heartbeat(trial_id)
+            for trial in (*self._running, *self._ahead):
+                storage.record_heartbeat(trial._trial_id)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

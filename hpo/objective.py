@@ -17,7 +17,7 @@ import torch
 
 import trainers
 import trainers.writer
-from hpo import outage
+from hpo import outage, overlap
 from hpo import space as space_mod
 from hpo import task as task_mod
 from hpo.config import Config
@@ -74,25 +74,42 @@ def prepare(config: Config) -> Task:
     return task
 
 
-class PruningCallback:
-    """Reports the study's metric after each validation; raises `optuna.TrialPruned` when told to."""
+Write = Callable[[Callable[[], object]], None]
 
-    def __init__(self, trial: optuna.Trial, metric: str, patience: float = outage.DEFAULT_PATIENCE) -> None:
-        self.trial, self.metric, self.patience = trial, metric, patience
+
+class PruningCallback:
+    """Reports the study's metric after each validation; raises `optuna.TrialPruned` when told to.
+
+    The report's storage write goes through `write`: at once, or on the worker's storage thread
+    (`hpo.overlap`) while training goes on. The pruner decides from the trial's values held here.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str, patience: float = outage.DEFAULT_PATIENCE,
+                 write: Write = overlap.at_once) -> None:
+        self.trial, self.metric, self.patience, self.write = trial, metric, patience, write
 
     def on_fit_start(self, state: trainers.State) -> None:
         # A retry resumed from its predecessor's checkpoint carries the epochs already trained:
         # report them once on this trial so its curve is whole and the pruner sees every step.
         if state.resumed:
             for epoch, metrics in enumerate(state.history):
-                outage.persist(partial(self.trial.report, metrics[self.metric], step=epoch), "reporting", self.patience)
-            outage.persist(partial(self.trial.set_user_attr, "hpo:resumed_at_epoch", len(state.history)), "reporting", self.patience)
+                self._report(metrics[self.metric], epoch)
+            self.write(partial(outage.persist, partial(self.trial.set_user_attr, "hpo:resumed_at_epoch", len(state.history)),
+                               "reporting", self.patience))
 
     def on_validation_end(self, state: trainers.State) -> None:
-        value = state.metrics[self.metric]
-        outage.persist(partial(self.trial.report, value, step=state.epoch), "reporting an epoch", self.patience)
+        self._report(state.metrics[self.metric], state.epoch)
         if outage.persist(self.trial.should_prune, "asking the pruner", self.patience):
             raise optuna.TrialPruned(f"pruned at epoch {state.epoch} ({self.metric}={state.metrics[self.metric]:.6g})")
+
+    def _report(self, value: float, step: int) -> None:
+        """`trial.report`, with the storage write handed to `write`."""
+        reported = self.trial._cached_frozen_trial.intermediate_values
+        if step in reported:  # as Optuna: the first value of a step stays
+            return
+        reported[step] = float(value)
+        write = partial(self.trial.storage.set_trial_intermediate_value, self.trial._trial_id, step, float(value))
+        self.write(partial(outage.persist, write, "reporting an epoch", self.patience))
 
 
 def threads_for(config: Config, threads: int | None = None) -> int:
@@ -131,8 +148,10 @@ def seed_torch(seed: int) -> None:
 
 
 def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int | None = None,
-              callbacks: tuple[Any, ...] = ()) -> list[float]:
-    """Trains one trial; returns the objective values. Raises `optuna.TrialPruned` when pruned."""
+              callbacks: tuple[Any, ...] = (), write: Write = overlap.at_once) -> list[float]:
+    """Trains one trial; returns the objective values. Raises `optuna.TrialPruned` when pruned.
+
+    The trial's storage writes go through `write` (see `PruningCallback`)."""
     params = space_mod.suggest(trial, config.space)
     seed = trial_seed(config, trial.number)
     if seed is not None:
@@ -148,7 +167,7 @@ def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int |
     data = task.data(params)
     model = task.model(params, data)
     patience = config.study.storage_patience
-    pruning = [PruningCallback(trial, config.study.metrics[0], patience)] if len(config.study.metrics) == 1 else []
+    pruning = [PruningCallback(trial, config.study.metrics[0], patience, write)] if len(config.study.metrics) == 1 else []
     state = trainers.fit(
         model,
         data,
@@ -159,7 +178,7 @@ def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int |
         train_step=task.train_step,
         eval_step=task.eval_step,
     )
-    outage.persist(partial(trial.set_user_attr, "hpo:metrics", state.metrics), "recording metrics", patience)
+    write(partial(outage.persist, partial(trial.set_user_attr, "hpo:metrics", dict(state.metrics)), "recording metrics", patience))
     missing = [m for m in config.study.metrics if m not in state.metrics]
     if missing:
         raise KeyError(f"the loop did not report {', '.join(missing)} (it reported {', '.join(state.metrics)})")

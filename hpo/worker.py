@@ -11,9 +11,11 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 import zlib
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -22,9 +24,11 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 import trainers
-from hpo import coordinator, heartbeat, objective, pruning, samplers
+from hpo import coordinator, heartbeat, objective, overlap, pruning, samplers
+from hpo import space as space_mod
 from hpo.config import Config
 from hpo.outage import persist
+from hpo.redis_journal import RedisJournalBackend
 
 
 class Interrupted(BaseException):
@@ -64,6 +68,11 @@ class Signals:
 def restore_signals(previous: dict | None) -> None:
     for sig, handler in (previous or {}).items():
         signal.signal(sig, handler)
+
+
+# How often, at most, a worker whose budget is spent looks again while other workers' trials run.
+WAIT_POLL_S = 2.0
+WAIT = "wait"  # `_ask_sampled` without waiting: the budget is spent, other workers' trials run
 
 
 @dataclass
@@ -121,10 +130,25 @@ def run_worker(
     return summary
 
 
+def asks_ahead(config: Config, storage: optuna.storages.BaseStorage) -> bool:
+    """Whether the worker asks for and samples its next trial while the current one trains.
+
+    That takes the sampler's and the storage's time per trial off the worker's critical path: on
+    Redis and on databases, where several workers make the order of trials depend on timing
+    anyway. On a journal file (``hpo run``) it is off unless the study file asks, so a seeded
+    study with one worker proposes the same trials every run.
+    """
+    if config.study.ask_ahead is not None:
+        return config.study.ask_ahead
+    return heartbeat.uses_optuna_heartbeat(storage) or isinstance(getattr(storage, "_backend", None), RedisJournalBackend)
+
+
 def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary: Summary, on_trial) -> None:
     """Ask, check the global budget, run, tell; until the budget is spent or a signal comes.
 
-    Every storage call rides out an outage (`outage.persist`); the trial runs on meanwhile.
+    Every storage call rides out an outage (`outage.persist`). Reports and results are written
+    behind the training (`hpo.overlap`); asking ahead (`asks_ahead`), the next trial waits RUNNING
+    (and beating) for the current one to end, and a worker that stops hands it back.
     """
     storage = study._storage
     patience = config.study.storage_patience
@@ -134,54 +158,138 @@ def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary
         population.run(study, config, task, threads, seed, beat, summary, on_trial)
         return
     signals = Signals()
+    ask = partial(_ask_sampled, study, config, trial_attrs(summary.worker, seed), beat, patience, lambda: signals.name is not None)
+    # Reports and results are written from this thread while training goes on (`hpo.overlap`).
+    behind = overlap.StorageThread()
+    ahead = asks_ahead(config, storage)
+    pending: Future | None = None
     previous = signals.install()
     try:
         while signals.name is None:
-            asked, _ = persist(partial(coordinator.ask, study, config, user_attrs=trial_attrs(summary.worker, seed)),
-                               "asking for a trial", patience)
-            if not asked:
+            if pending is not None:
+                trial = pending.result()
+            else:
+                # The sampler sees every result told so far: one seeded worker proposes the same
+                # trials every run.
+                behind.drain()
+                trial = ask()
+            pending = None
+            if trial is WAIT:
+                trial = ask()
+            if trial is None:
                 break
-            trial = asked[0]
+            beat.ahead(None)
             beat.running(trial)
-            state = _run_one(study, trial, config, task, threads, summary, signals)
-            beat.running(None)
-            summary.states[state.name] = summary.states.get(state.name, 0) + 1
-            if on_trial is not None:
-                on_trial(persist(partial(storage.get_trial, trial._trial_id), "reading a trial", patience), config)
+            if ahead:
+                pending = behind.submit(partial(ask, wait=False))
+            tell = _train(study, trial, config, task, threads, summary, signals, behind.write)
+            behind.write(partial(_told, tell, trial, summary, on_trial, config))
             if summary.interrupted:
                 break
         # A signal that came while no trial trained (asking, telling): the worker just stops.
         summary.interrupted = summary.interrupted or signals.name
     finally:
         restore_signals(previous)
+        try:
+            _hand_back_ahead(study, pending, summary.interrupted or "an error in the worker", patience)
+        finally:
+            behind.close()
+            beat.ahead(None)
+            beat.running(None)
+
+
+def _ask_sampled(study, config, user_attrs: dict, beat: heartbeat.Heartbeat, patience: float,
+                 stopped: Callable[[], bool], wait: bool = True) -> optuna.Trial | None | str:
+    """A new trial with its params sampled; None when the budget is spent, or when `stopped()`.
+
+    With the budget spent while other workers' trials run, it waits for them (or, unless `wait`,
+    returns `WAIT` at once: the storage thread must not wait, the tell of the trial that trains
+    now is queued behind it, and other workers may wait for that one). One whose worker
+    died is re-queued within the grace period and a heartbeat interval (the sweeps of live
+    workers, this one's included), and this worker then runs it. It waits that long at most: a
+    trial still running after it has a live worker. While it waits it reads the study without
+    the study's lock, so that many waiting workers do not queue on it.
+    """
+    s = config.study
+    give_up = time.monotonic() + s.grace_period + 2 * s.heartbeat_interval
+    trials = None
+    # Most trials that still run end within a trial's time: look soon, then less and less often.
+    poll = 0.05
+    while True:
+        if trials is None or coordinator.budget_left(config, trials):
+            asked, trials = persist(partial(coordinator.ask, study, config, user_attrs=user_attrs), "asking for a trial", patience)
+            if asked:
+                break
+        if stopped() or time.monotonic() > give_up or not coordinator.others_may_requeue(config, trials, beat.worker):
+            return None
+        if not wait:
+            return WAIT
+        time.sleep(poll)
+        poll = min(poll * 2, WAIT_POLL_S, s.heartbeat_interval)
+        trials = persist(partial(coordinator.fresh_trials, study), "reading the study", patience)
+    trial = asked[0]
+    beat.ahead(trial)
+    persist(partial(space_mod.suggest, trial, config.space), "sampling a trial", patience)
+    return trial
+
+
+def _told(tell: Callable[[], TrialState], trial: optuna.Trial, summary: Summary, on_trial, config: Config) -> None:
+    state = tell()
+    summary.states[state.name] = summary.states.get(state.name, 0) + 1
+    if on_trial is not None:
+        on_trial(persist(partial(trial.storage.get_trial, trial._trial_id), "reading a trial", config.study.storage_patience), config)
+
+
+def _hand_back_ahead(study, pending: Future | None, why: str, patience: float) -> None:
+    """The trial asked ahead that will not train here goes back to the queue with its params."""
+    if pending is None:
+        return
+    try:
+        trial = pending.result()
+    except Exception:
+        return  # the ask failed: no trial, or one that the sweeper fails once the beats stop
+    if isinstance(trial, optuna.Trial):
+        persist(lambda: hand_back(study, trial, why), "handing back a trial", patience)
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, config, task, threads, summary: Summary,
              signals: Signals | None = None) -> TrialState:
+    """Trains the trial and tells its result; returns the state it ended in."""
+    return _train(study, trial, config, task, threads, summary, signals, overlap.at_once)()
+
+
+def _train(study: optuna.Study, trial: optuna.Trial, config, task, threads, summary: Summary,
+           signals: Signals | None, write: objective.Write) -> Callable[[], TrialState]:
+    """Trains the trial, its storage writes going through `write`; returns the call that records
+    how it ended and gives its final state."""
     patience = config.study.storage_patience
     values = None
     attrs: dict[str, str] = {}
     try:
         # A signal that comes during the last epoch's report lets the finished trial be told; the
         # worker stops after it.
-        values = objective.run_trial(trial, config, task, threads=threads, callbacks=(signals,) if signals else ())
+        values = objective.run_trial(trial, config, task, threads=threads, callbacks=(signals,) if signals else (), write=write)
         state = TrialState.COMPLETE
     except optuna.TrialPruned as pruned:
         attrs["hpo:pruned"] = str(pruned)
         state = TrialState.PRUNED
     except (KeyboardInterrupt, Interrupted) as stop:
         summary.interrupted = "SIGINT" if isinstance(stop, KeyboardInterrupt) else stop.signal_name
-        persist(lambda: hand_back(study, trial, summary.interrupted), "handing back a trial", patience)
-        return TrialState.FAIL
+
+        def handed_back(why: str = summary.interrupted) -> TrialState:
+            persist(lambda: hand_back(study, trial, why), "handing back a trial", patience)
+            return TrialState.FAIL
+
+        return handed_back
     except trainers.OutOfMemoryError as err:
         attrs["hpo:fail_reason"] = f"OutOfMemoryError: {err}"[:1000]
         state = TrialState.FAIL
-        persist(lambda: _retry_smaller(study, trial, config, attrs["hpo:fail_reason"]), "re-queueing a trial", patience)
+        write(partial(persist, lambda: _retry_smaller(study, trial, config, attrs["hpo:fail_reason"]), "re-queueing a trial", patience))
     except Exception as err:
         attrs["hpo:fail_reason"] = f"{type(err).__name__}: {err}"[:1000]
         attrs["hpo:traceback"] = traceback.format_exc()[-4000:]
         state = TrialState.FAIL
-    return finish(study, trial, state, values, attrs, patience)
+    return partial(finish, study, trial, state, values, attrs, patience)
 
 
 def finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, values: list[float] | None,

@@ -89,8 +89,23 @@ def plain_storage(label: str, url: str):
     return RDBStorage(url.replace("postgresql://", "postgresql+psycopg://", 1) if label == "postgresql" else url)
 
 
+def import_driver(label: str) -> None:
+    """The storage's driver, imported before the start on both sides as the rest of the code is:
+    SQLAlchemy, psycopg and alembic take about a second to import on 4 busy processes, once per
+    worker's life, which would weigh on a few-second benchmark as it never does on a real study."""
+    if label in ("postgresql", "sqlite"):
+        import alembic.script  # noqa: F401
+        import optuna.storages._rdb.storage  # noqa: F401
+        import sqlalchemy.orm  # noqa: F401
+    if label == "postgresql":
+        import psycopg  # noqa: F401
+    if label == "redis":
+        import redis  # noqa: F401
+
+
 def plain_worker(label: str, url: str, name: str, index: int, n_trials: int, ready, go, out) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    import_driver(label)
     slept = 0.0
 
     def objective(trial: optuna.Trial) -> float:
@@ -138,6 +153,7 @@ def hpo_worker(label: str, url: str, name: str, index: int, n_trials: int, ready
     import torch
 
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    import_driver(label)
     ready.put(index)
     go.wait()
     cpu = time.process_time()

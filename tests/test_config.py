@@ -67,7 +67,7 @@ def test_shipped_study_files_are_valid(path: Path) -> None:
 def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
     assert problems(tmp_path, with_line(VALID, 5, "  n_trails: 5")) == [
         "FILE:5: study.n_trails: unknown key; did you mean n_trials? "
-        "(expected one of direction, directions, grace_period, heartbeat_interval, max_retries, metric, metrics, "
+        "(expected one of ask_ahead, direction, directions, grace_period, heartbeat_interval, max_retries, metric, metrics, "
         "n_trials, name, oom_retries, pruner, sampler, seed, storage_patience, timeout, vectorize)"
     ]
 
@@ -205,3 +205,13 @@ def test_check_command_accepts_the_shipped_study() -> None:
     result = hpo("check", str(DIGITS_YAML))
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
+
+
+def test_ask_ahead_is_true_false_or_absent(tmp_path: Path) -> None:
+    assert problems(tmp_path, with_line(VALID, 6, "  ask_ahead: sometimes")) == [
+        "FILE:6: study.ask_ahead: 'sometimes' is not true or false "
+        "(expected true, false, or no ask_ahead for the storage's default)"
+    ]
+    path = tmp_path / "ok.yaml"
+    path.write_text(with_line(VALID, 7, "  pruner: median\n  ask_ahead: false"))
+    assert load_config(str(path)).study.ask_ahead is False

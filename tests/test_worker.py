@@ -205,6 +205,83 @@ def test_signal_stops_the_worker_and_requeues_its_trial(tmp_path: Path, sig: sig
     assert len(coordinator.counted(trials)) == 3
 
 
+def test_sigterm_hands_back_the_trial_asked_ahead_too(tmp_path: Path) -> None:
+    path = write_study(tmp_path, "ahead", {"slow": True, "lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=4, ask_ahead=True)
+    url = str(tmp_path / "h.journal")
+    study = created(path, url)
+    proc = subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", "ahead", "--storage", url], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    # The trial that trains and the next one, asked and sampled while it does.
+    while time.time() < deadline and len([t for t in study.get_trials() if t.state == TrialState.RUNNING and t.params]) < 2:
+        time.sleep(0.05)
+    running = [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+    assert len(running) == 2 and all(t.params for t in running)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert sorted(t.number for t in failed) == sorted(t.number for t in running)
+    assert all(t.user_attrs["hpo:fail_reason"].startswith("interrupted by SIGTERM") for t in failed)
+    waiting = {t.user_attrs["hpo:retry_of"]: t for t in trials if t.state == TrialState.WAITING}
+    assert sorted(waiting) == sorted(t.number for t in failed)
+    # Both go back with their params; a later worker runs them and the study ends on budget.
+    worker.run_worker("ahead", url, index=1)
+    trials = study.get_trials()
+    for t in failed:
+        assert trials[waiting[t.number].number].params == t.params
+        assert trials[waiting[t.number].number].state == TrialState.COMPLETE
+    assert len(coordinator.counted(trials)) == 4
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def test_ask_ahead_is_on_for_server_storages_and_off_for_a_journal_file(tmp_path: Path, redis_url: str) -> None:
+    path = write_study(tmp_path, "defaults", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}})
+    config = load_config(str(path))
+    assert worker.asks_ahead(config, open_storage(redis_url))
+    assert worker.asks_ahead(config, open_storage(f"sqlite:///{tmp_path / 'h.db'}"))
+    assert not worker.asks_ahead(config, open_storage(str(tmp_path / "h.journal")))
+    forced = load_config(str(write_study(tmp_path, "forced", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, ask_ahead=True)))
+    assert worker.asks_ahead(forced, open_storage(str(tmp_path / "h.journal")))
+
+
+def test_a_seeded_worker_on_a_journal_file_proposes_the_same_trials_every_run(tmp_path: Path) -> None:
+    params = []
+    for run in range(2):
+        directory = tmp_path / f"run{run}"
+        directory.mkdir()
+        path = write_study(directory, "same", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=6, sampler="tpe")
+        url = str(directory / "h.journal")
+        study = created(path, url)
+        worker.run_worker("same", url, index=0)
+        params.append([t.params for t in study.get_trials()])
+    assert params[0] == params[1]
+
+
+def test_a_worker_waits_for_other_workers_trials_before_it_leaves(tmp_path: Path) -> None:
+    path = write_study(tmp_path, "wait", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=2, heartbeat_interval=1, grace_period=2)
+    url = str(tmp_path / "h.journal")
+    study = created(path, url)
+    config = load_config(str(path))
+    # A dead worker's trial: running, and its worker's last beat long ago.
+    lost = study.ask()
+    lost.suggest_float("lr", 1e-3, 1e-1)
+    lost.set_user_attr("hpo:worker", "dead-host:1")
+    trials = study.get_trials()
+    assert coordinator.others_may_requeue(config, trials, "me:2")
+    assert not coordinator.others_may_requeue(config, trials, "dead-host:1")
+    # The live worker runs its own trial, finds the budget spent, sweeps the dead one's trial
+    # after the grace period, runs its retry, and only then leaves.
+    summary = worker.run_worker("wait", url, index=0)
+    trials = study.get_trials()
+    assert summary.states == {"COMPLETE": 2}
+    assert trials[lost.number].state == TrialState.FAIL
+    assert [t.user_attrs.get("hpo:retry_of") for t in trials if t.state == TrialState.COMPLETE] == [None, lost.number]
+    assert len(coordinator.counted(trials)) == 2
+
+
 def test_existing_study_with_another_config_is_refused_unless_asked(tmp_path: Path) -> None:
     url = str(tmp_path / "h.journal")
     path = write_study(tmp_path, "twice", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}})
