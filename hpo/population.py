@@ -8,7 +8,9 @@ architecture, and trains each group as one stacked model (`trainers.vectorized`)
   hyperparameters cannot be stacked runs alone, as in the ordinary worker.
 - **Reporting and pruning per slot.** After every validation each slot reports to its own trial
   and asks the pruner (`objective.PruningCallback`, as a solo trial does); a pruned, finished or
-  failed slot is told at once.
+  failed slot is told at once. The writes go through the worker's storage thread
+  (`hpo.overlap`) while the group trains on; an ask waits for them, so the sampler sees every
+  result told before it.
 - **Lookahead.** The worker holds up to ``lookahead × K`` asked trials (1 by default), and
   trains the largest same-architecture set among them first: with 12 architectures in a space,
   K asked trials rarely share one. The price is that the sampler proposes that many trials before
@@ -42,7 +44,7 @@ import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from hpo import coordinator, heartbeat, objective
+from hpo import coordinator, heartbeat, objective, overlap
 from hpo import space as space_mod
 from hpo.config import Config
 from hpo.outage import persist
@@ -82,6 +84,8 @@ class Population:
         self.budget_spent = False
         self.signals = Signals()  # SIGINT or SIGTERM, noted while a group trains
         self.warned: set[str] = set()
+        # Reports, attributes and results are written from this thread while the group trains.
+        self.behind = overlap.StorageThread()
         self.solo_reason = self._global_reason()
         if self.solo_reason:
             self._warn(self.solo_reason)
@@ -89,6 +93,12 @@ class Population:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.behind.close()
+
+    def _run(self) -> None:
         while not self.summary.interrupted:
             if self.width is None:
                 self._ask(1)
@@ -103,7 +113,7 @@ class Population:
                 self._train(group)
         if self.pool:  # a signal came: hand back the trials that never started
             for member in self.pool:
-                self._hand_back(member)
+                self.behind.write(partial(self._hand_back, member))
             self.pool = []
 
     @property
@@ -116,6 +126,8 @@ class Population:
         if n <= 0 or self.budget_spent:
             return []
         attrs = trial_attrs(self.summary.worker, self.sampler_seed)
+        # The sampler sees every result told so far: one seeded worker proposes the same trials every run.
+        self.behind.drain()
         asked, _ = persist(partial(coordinator.ask, self.study, self.config, n, attrs), "asking for trials", self.patience)
         if len(asked) < n:
             self.budget_spent = True
@@ -179,7 +191,7 @@ class Population:
         except vectorized.Stopped:
             self.summary.interrupted = self.signals.name
             for member in self.active:
-                self._hand_back(member)
+                self.behind.write(partial(self._hand_back, member))
             self.active = []
         except NotVectorizable as err:
             # Found at the first step, before any slot trained: these and all later trials run alone.
@@ -189,26 +201,26 @@ class Population:
         except (KeyboardInterrupt, Interrupted) as stop:
             self.summary.interrupted = "SIGINT" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
             for member in self.active:
-                self._hand_back(member)
+                self.behind.write(partial(self._hand_back, member))
             self.active = []
         except Exception as err:  # the whole group failed (e.g. out of memory): fail its trials, go on
             attrs = {"hpo:fail_reason": f"{type(err).__name__}: {err}"[:1000], "hpo:traceback": traceback.format_exc()[-4000:]}
             for member in self.active:
-                self._told(member, finish(self.study, member.trial, TrialState.FAIL, None, attrs, self.patience))
+                self._tell(member, TrialState.FAIL, None, attrs)
             self.active = []
         finally:
             restore_signals(previous)
         if self.signals.name and not self.summary.interrupted:  # noted while the group failed or fell back
             self.summary.interrupted = self.signals.name
             for member in fallback:
-                self._hand_back(member)
+                self.behind.write(partial(self._hand_back, member))
         elif fallback:
             self._solo_all(fallback)  # with the usual signal handling again
         self._beat()
 
     def _slot(self, member: Member) -> Slot:
         metrics = self.config.study.metrics
-        callbacks = [objective.PruningCallback(member.trial, metrics[0], self.patience)] if len(metrics) == 1 else []
+        callbacks = [objective.PruningCallback(member.trial, metrics[0], self.patience, self.behind.write)] if len(metrics) == 1 else []
         return Slot(key=member, hparams=member.params, seed=member.seed, callbacks=callbacks,
                     **objective.trial_dirs(self.config, member.trial.number))
 
@@ -249,9 +261,8 @@ class Population:
             state = TrialState.FAIL
             attrs["hpo:fail_reason"] = f"{type(error).__name__}: {error}"[:1000]
             attrs["hpo:traceback"] = "".join(traceback.format_exception(error))[-4000:]
-        told = finish(self.study, member.trial, state, values, attrs, self.patience)
-        self.active.remove(member)  # only once told: a signal during the tell hands it back
-        self._told(member, told)
+        self._tell(member, state, values, attrs)
+        self.active.remove(member)
         self._beat()
 
     # -- alone ----------------------------------------------------------------------------------
@@ -279,6 +290,10 @@ class Population:
 
     # -- helpers --------------------------------------------------------------------------------
 
+    def _tell(self, member: Member, state: TrialState, values: list[float] | None, attrs: dict[str, Any]) -> None:
+        """Records how the trial ended, behind the training; the count and the progress line follow."""
+        self.behind.write(lambda: self._told(member, finish(self.study, member.trial, state, values, attrs, self.patience)))
+
     def _hand_back(self, member: Member) -> None:
         try:
             persist(partial(hand_back, self.study, member.trial, self.summary.interrupted), "handing back a trial", self.patience)
@@ -293,8 +308,8 @@ class Population:
 
     def _record_start(self, member: Member, group_size: int) -> None:
         info = {"width": self.width, "auto": self.vectorize.width == "auto", "data": self.vectorize.data}
-        persist(partial(member.trial.set_user_attr, "hpo:vectorize", info), "starting a trial", self.patience)
-        persist(partial(member.trial.set_user_attr, "hpo:vectorized_width", group_size), "starting a trial", self.patience)
+        self.behind.write(partial(persist, partial(member.trial.set_user_attr, "hpo:vectorize", info), "starting a trial", self.patience))
+        self.behind.write(partial(persist, partial(member.trial.set_user_attr, "hpo:vectorized_width", group_size), "starting a trial", self.patience))
 
     def _beat(self) -> None:
         self.beat.running([m.trial for m in (*self.active, *self.pool)])
