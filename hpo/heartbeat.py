@@ -40,6 +40,7 @@ class Heartbeat:
         self.interval, self.grace, self.max_retries = interval, grace, max_retries
         self._running: list[optuna.Trial] = []
         self._ahead: list[optuna.Trial] = []  # asked and sampled, waiting for the running one to end
+        self._telling: dict[int, optuna.Trial] = {}  # trained, their result still being written
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
 
@@ -70,9 +71,20 @@ class Heartbeat:
         self._ahead = [] if trial is None else [trial]
         self._beat_trials()
 
+    def telling(self, trial: optuna.Trial) -> None:
+        """Keeps beating for a trial whose result is queued (`hpo.overlap`) until `told`: a trial
+        that stopped beating before its tell landed could be failed by another worker's sweep."""
+        self._telling[trial._trial_id] = trial
+
+    def told(self, trial: optuna.Trial) -> None:
+        self._telling.pop(trial._trial_id, None)
+
+    def _trials(self) -> list[optuna.Trial]:
+        return [*self._running, *self._ahead, *list(self._telling.values())]
+
     @property
     def trial_numbers(self) -> list[int]:
-        return [t.number for t in (*self._running, *self._ahead)]
+        return [t.number for t in self._trials()]
 
     def beat(self, alive: bool = True) -> None:
         storage = self.study._storage
@@ -87,7 +99,7 @@ class Heartbeat:
     def _beat_trials(self) -> None:
         storage = self.study._storage
         if uses_optuna_heartbeat(storage):
-            for trial in (*self._running, *self._ahead):
+            for trial in self._trials():
                 storage.record_heartbeat(trial._trial_id)
 
     def _run(self) -> None:

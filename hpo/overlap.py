@@ -4,11 +4,12 @@ Asking for the next trial (and sampling it), reporting an epoch, recording a tri
 each costs the sampler's and the storage's time, a few milliseconds on Redis and tens on a
 database, and a trial need not wait for any of them. Only the next trial's ask is awaited, when
 the trial before it has ended. A write that fails for good (the storage unreachable beyond the
-worker's patience) stops the worker at its next wait, as it would have stopped at the call.
+worker's patience) stops the worker between trials, as it would have stopped at the call.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -25,14 +26,18 @@ def at_once(call: Callable[[], object]) -> None:
 
 
 class StorageThread:
+    """One thread that runs storage calls in order. Making a call never raises: a failed write's
+    error is kept and raised by `check` (or `drain`), which the worker calls between trials, so
+    that it is never mistaken for the error of the trial that trains meanwhile."""
+
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hpo-storage")
         self._last: Future | None = None
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
 
     def submit(self, call: Callable[[], T]) -> Future[T]:
         """Runs `call` after every call before it; its result (or error) comes with the future."""
-        self.check()
         self._last = self._pool.submit(call)
         return self._last
 
@@ -47,21 +52,26 @@ class StorageThread:
                 # tell finds that out and counts it (`worker.finish`); nothing else is lost.
                 pass
             except Exception as err:
-                if self._error is None:
-                    self._error = err
+                with self._lock:
+                    self._error = self._error or err
 
         self.submit(noted)
 
     def check(self) -> None:
         """Raises the first error of a write, if one failed."""
-        if self._error is not None:
+        with self._lock:
             error, self._error = self._error, None
+        if error is not None:
             raise error
+
+    def wait(self) -> None:
+        """Waits for every call made so far."""
+        if self._last is not None:
+            self._last.exception()  # waits: calls run one after another
 
     def drain(self) -> None:
         """Waits for every call made so far; raises the first error of a write."""
-        if self._last is not None:
-            self._last.exception()  # waits: calls run one after another
+        self.wait()
         self.check()
 
     def close(self) -> None:

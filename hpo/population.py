@@ -100,6 +100,7 @@ class Population:
 
     def _run(self) -> None:
         while not self.summary.interrupted:
+            self.behind.check()  # a write that failed for good stops the worker here, between groups
             if self.width is None:
                 self._ask(1)
                 self.width = self._choose_width()
@@ -126,8 +127,9 @@ class Population:
         if n <= 0 or self.budget_spent:
             return []
         attrs = trial_attrs(self.summary.worker, self.sampler_seed)
-        # The sampler sees every result told so far: one seeded worker proposes the same trials every run.
-        self.behind.drain()
+        # The sampler sees every result told so far: one seeded worker proposes the same trials every
+        # run. (A failed write is raised between groups, not here inside a group's refill.)
+        self.behind.wait()
         asked, _ = persist(partial(coordinator.ask, self.study, self.config, n, attrs), "asking for trials", self.patience)
         if len(asked) < n:
             self.budget_spent = True
@@ -280,6 +282,7 @@ class Population:
         if member.reason:
             self._warn(member.reason)
         self._record_start(member, 1)
+        self.behind.wait()  # alone, the trial is told from here: after its start is recorded
         self.active = [member]
         self._beat()
         state = _run_one(self.study, member.trial, self.config, self.task, self.threads, self.summary)
@@ -292,7 +295,16 @@ class Population:
 
     def _tell(self, member: Member, state: TrialState, values: list[float] | None, attrs: dict[str, Any]) -> None:
         """Records how the trial ended, behind the training; the count and the progress line follow."""
-        self.behind.write(lambda: self._told(member, finish(self.study, member.trial, state, values, attrs, self.patience)))
+        self.beat.telling(member.trial)
+
+        def tell() -> None:
+            try:
+                told = finish(self.study, member.trial, state, values, attrs, self.patience)
+            finally:
+                self.beat.told(member.trial)
+            self._told(member, told)
+
+        self.behind.write(tell)
 
     def _hand_back(self, member: Member) -> None:
         try:

@@ -5,9 +5,9 @@ Optuna's median and percentile pruners read every trial of the study at each
 it runs once per epoch of every trial on every worker. The history they compare against
 (finished trials' intermediate values) changes only when another trial finishes, so hpo
 reads it at a trial's first report and again only when the snapshot is older than
-`max_age_s`; the trials of a population worker's group share one snapshot. A worker running trials one after another sees every trial it finished; what
-it can miss is another worker's trial finished less than `max_age_s` ago, as if that trial
-had finished a moment later.
+`max_age_s`; the trials of a population worker's group share one snapshot. What a snapshot can
+miss is a trial finished less than `max_age_s` before it was read, or one whose result was still
+being written (`hpo.overlap`), as if that trial had finished a moment later.
 """
 
 from __future__ import annotations

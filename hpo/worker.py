@@ -166,15 +166,17 @@ def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary
     previous = signals.install()
     try:
         while signals.name is None:
-            if pending is not None:
-                trial = pending.result()
-            else:
-                # The sampler sees every result told so far: one seeded worker proposes the same
-                # trials every run.
-                behind.drain()
-                trial = ask()
+            behind.check()  # a write that failed for good stops the worker here, between trials
+            trial = pending.result() if pending is not None else None
+            if signals.name is not None:
+                break  # the trial asked ahead, if any, is handed back below
             pending = None
-            if trial is WAIT:
+            if trial is None or trial is WAIT:
+                # First, or the budget looked spent when asked ahead: ask again once the writes
+                # before are in (a trial re-queued meanwhile, e.g. after running out of memory,
+                # counts again), so that the sampler sees every result told so far and one
+                # seeded worker proposes the same trials every run.
+                behind.drain()
                 trial = ask()
             if trial is None:
                 break
@@ -183,19 +185,23 @@ def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary
             if ahead:
                 pending = behind.submit(partial(ask, wait=False))
             tell = _train(study, trial, config, task, threads, summary, signals, behind.write)
-            behind.write(partial(_told, tell, trial, summary, on_trial, config))
+            beat.telling(trial)
+            behind.write(partial(_told, tell, trial, summary, on_trial, config, beat))
             if summary.interrupted:
                 break
         # A signal that came while no trial trained (asking, telling): the worker just stops.
         summary.interrupted = summary.interrupted or signals.name
     finally:
-        restore_signals(previous)
+        # Signals stay noted (not raised) until the trial asked ahead is handed back whole.
         try:
-            _hand_back_ahead(study, pending, summary.interrupted or "an error in the worker", patience)
+            _hand_back_ahead(study, pending, summary.interrupted or signals.name or "an error in the worker", patience)
         finally:
-            behind.close()
-            beat.ahead(None)
-            beat.running(None)
+            try:
+                behind.close()
+            finally:
+                beat.ahead(None)
+                beat.running(None)
+                restore_signals(previous)
 
 
 def _ask_sampled(study, config, user_attrs: dict, beat: heartbeat.Heartbeat, patience: float,
@@ -233,8 +239,12 @@ def _ask_sampled(study, config, user_attrs: dict, beat: heartbeat.Heartbeat, pat
     return trial
 
 
-def _told(tell: Callable[[], TrialState], trial: optuna.Trial, summary: Summary, on_trial, config: Config) -> None:
-    state = tell()
+def _told(tell: Callable[[], TrialState], trial: optuna.Trial, summary: Summary, on_trial, config: Config,
+          beat: heartbeat.Heartbeat) -> None:
+    try:
+        state = tell()
+    finally:
+        beat.told(trial)
     summary.states[state.name] = summary.states.get(state.name, 0) + 1
     if on_trial is not None:
         on_trial(persist(partial(trial.storage.get_trial, trial._trial_id), "reading a trial", config.study.storage_patience), config)
@@ -249,7 +259,10 @@ def _hand_back_ahead(study, pending: Future | None, why: str, patience: float) -
     except Exception:
         return  # the ask failed: no trial, or one that the sweeper fails once the beats stop
     if isinstance(trial, optuna.Trial):
-        persist(lambda: hand_back(study, trial, why), "handing back a trial", patience)
+        try:
+            persist(lambda: hand_back(study, trial, why), "handing back a trial", patience)
+        except UpdateFinishedTrialError:
+            pass  # failed meanwhile by a sweep, which re-queued it
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, config, task, threads, summary: Summary,

@@ -205,13 +205,17 @@ def model(params):
 '''
 
 
+@pytest.mark.parametrize("ask_ahead", [False, True])
 @pytest.mark.parametrize(("oom_retries", "expected"), [(3, [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]), (0, [TrialState.FAIL])])
-def test_out_of_memory_fails_the_trial_or_retries_it_with_half_the_batch(tmp_path: Path, oom_retries: int, expected: list) -> None:
+def test_out_of_memory_fails_the_trial_or_retries_it_with_half_the_batch(tmp_path: Path, oom_retries: int, expected: list,
+                                                                         ask_ahead: bool) -> None:
     import yaml
 
+    # Asking ahead, the next ask comes while the last trial trains and finds the budget spent;
+    # the retry queued after it must still run.
     (tmp_path / "oomtask.py").write_text(OOM_TASK)
     raw = {"study": {"name": "oom", "direction": "maximize", "metric": "val_accuracy", "n_trials": 1, "sampler": "random",
-                     "pruner": "none", "oom_retries": oom_retries},
+                     "pruner": "none", "oom_retries": oom_retries, "ask_ahead": ask_ahead},
            "trainer": {"epochs": 1, "batch_size": 64}, "task": {"model": "oomtask:model", "data": "oomtask:data"},
            "space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}}
     path = tmp_path / "oom.yaml"
