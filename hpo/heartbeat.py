@@ -118,29 +118,51 @@ def workers(study: optuna.Study) -> dict[str, dict[str, Any]]:
 
 
 def sweep(study: optuna.Study, grace: float, max_retries: int, now: float | None = None) -> list[int]:
-    """Fails the RUNNING trials whose worker stopped beating and re-queues them; returns their numbers."""
+    """Fails the RUNNING trials that no live worker holds and re-queues them; returns their numbers.
+
+    A trial is lost when its worker stopped beating for `grace` seconds (Optuna's own heartbeat on
+    RDB storages), or when its worker beats on but has not listed it among the trials it holds for
+    `grace` seconds since it started: an orphan, e.g. a trial created by an ask whose reply an
+    outage lost, which the worker then asked again. The worker's own clock dates both.
+    """
     storage = study._storage
-    if uses_optuna_heartbeat(storage):
+    failed: list[int] = []
+    rdb = uses_optuna_heartbeat(storage)
+    if rdb:
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         optuna.storages.fail_stale_trials(study)
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        return sorted(before - after)
+        failed = sorted(before - after)
     now = time.time() if now is None else now
     beats = workers(study)
-    failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("hpo:worker")
-        record = beats.get(worker) if worker else None
-        last = record["beat"] if record else (trial.datetime_start.timestamp() if trial.datetime_start else now)
-        if now - last <= grace:
+        reason = _lost(trial, worker, beats.get(worker) if worker else None, grace, now, rdb)
+        if reason is None:
             continue
         try:
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another process failed it first (or it just finished): not ours to retry
-        retry(study, storage.get_trial(trial._trial_id), f"worker {worker} stopped beating {now - last:.0f}s ago", max_retries)
+        retry(study, storage.get_trial(trial._trial_id), reason, max_retries)
         failed.append(trial.number)
     return failed
+
+
+def _lost(trial: FrozenTrial, worker: str | None, record: dict[str, Any] | None, grace: float, now: float,
+          rdb: bool) -> str | None:
+    """Why a RUNNING trial is lost, or None while its worker holds it."""
+    started = trial.datetime_start.timestamp() if trial.datetime_start else None
+    if not rdb:  # on RDB storages Optuna's heartbeat finds the trials of dead workers
+        last = record["beat"] if record else (started if started is not None else now)
+        if now - last > grace:
+            return f"worker {worker} stopped beating {now - last:.0f}s ago"
+    if record is None or started is None:
+        return None
+    held = record.get("trials") or ([record["trial"]] if record.get("trial") is not None else [])
+    if trial.number not in held and record["beat"] - started > grace:
+        return f"worker {worker} no longer holds it (its beats of the last {record['beat'] - started:.0f}s do not list it)"
+    return None
 
 
 def retry(study: optuna.Study, failed: FrozenTrial, reason: str, max_retries: int, extra: dict[str, Any] | None = None) -> None:

@@ -180,8 +180,8 @@ def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary
                 trial = ask()
             if trial is None:
                 break
+            beat.running(trial)  # before it leaves `ahead`: a beat that listed it nowhere would orphan it
             beat.ahead(None)
-            beat.running(trial)
             if ahead:
                 pending = behind.submit(partial(ask, wait=False))
             tell = _train(study, trial, config, task, threads, summary, signals, behind.write)

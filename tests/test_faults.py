@@ -140,6 +140,36 @@ def test_a_live_worker_is_not_swept(tmp_path: Path) -> None:
     assert heartbeat.sweep(study, 3, 2, now=time.time() + 10) == [trial.number]
 
 
+@pytest.mark.parametrize("kind", ["file", "postgres"])
+def test_a_trial_its_live_worker_no_longer_holds_is_swept_once(tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    url = str(tmp_path / "h.journal") if kind == "file" else request.getfixturevalue("postgres_url")
+    name = f"orphan-{kind}-{tmp_path.name}"
+    created(write_study(tmp_path, name, {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=3, **LIVENESS), url)
+    study, _ = coordinator.open_study(url, name)
+    # Two trials of one live worker, which holds (and beats for) only the first: the second was
+    # created by an ask whose reply was lost, say, and the worker asked again.
+    held, orphan = study.ask(), study.ask()
+    for trial in (held, orphan):
+        trial.suggest_float("lr", 1e-3, 1e-1)
+        trial.set_user_attr("hpo:worker", "me")
+    beat = heartbeat.Heartbeat(study, "me", 1, 3, 2)
+    beat.running(held)
+    beat.beat()
+    assert heartbeat.sweep(study, 3, 2) == []  # within the grace period since it started
+    # Ten seconds on by the worker's clock, still beating, still without the orphan.
+    later = time.time() + 10
+    study._storage.set_study_system_attr(study._study_id, heartbeat.WORKER_PREFIX + "me",
+                                         {**heartbeat.workers(study)["me"], "beat": later})
+    assert heartbeat.sweep(study, 3, 2, now=later) == [orphan.number]
+    assert heartbeat.sweep(study, 3, 2, now=later) == []
+    trials = study.get_trials()
+    assert trials[held.number].state == TrialState.RUNNING
+    assert trials[orphan.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.user_attrs.get(heartbeat.RETRY_OF) == orphan.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.WAITING
+    assert "no longer holds it" in retries[0].user_attrs["hpo:attempts"][0]["reason"]
+
+
 def test_supervisor_restarts_a_crashed_worker_and_the_study_completes(tmp_path: Path) -> None:
     path = write_study(tmp_path, "supervised", {"slow": True, "lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=5, **LIVENESS)
     url = str(tmp_path / "h.journal")
