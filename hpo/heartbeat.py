@@ -41,6 +41,7 @@ class Heartbeat:
         self._running: list[optuna.Trial] = []
         self._ahead: list[optuna.Trial] = []  # asked and sampled, waiting for the running one to end
         self._telling: dict[int, optuna.Trial] = {}  # trained, their result still being written
+        self._recorded: set[int] = set()  # trials with an Optuna heartbeat row (RDB) already
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
 
@@ -63,13 +64,13 @@ class Heartbeat:
         journal heartbeat is the worker's, already beating; the trials carry ``hpo:worker``.
         """
         self._running = [] if trial is None else list(trial) if isinstance(trial, (list, tuple)) else [trial]
-        self._beat_trials()
+        self._beat_trials(only_new=True)
 
     def ahead(self, trial: optuna.Trial | None) -> None:
         """Marks the trial this worker asked for ahead (`worker.asks_ahead`): it is RUNNING in the
         storage before it trains, and must be found stale too if the worker dies meanwhile."""
         self._ahead = [] if trial is None else [trial]
-        self._beat_trials()
+        self._beat_trials(only_new=True)
 
     def telling(self, trial: optuna.Trial) -> None:
         """Keeps beating for a trial whose result is queued (`hpo.overlap`) until `told`: a trial
@@ -80,7 +81,8 @@ class Heartbeat:
         self._telling.pop(trial._trial_id, None)
 
     def _trials(self) -> list[optuna.Trial]:
-        return [*self._running, *self._ahead, *list(self._telling.values())]
+        held = {t._trial_id: t for t in (*self._running, *self._ahead, *list(self._telling.values()))}
+        return list(held.values())
 
     @property
     def trial_numbers(self) -> list[int]:
@@ -96,11 +98,17 @@ class Heartbeat:
         storage.set_study_system_attr(self.study._study_id, WORKER_PREFIX + self.worker, record)
         self._beat_trials()
 
-    def _beat_trials(self) -> None:
+    def _beat_trials(self, only_new: bool = False) -> None:
+        """Optuna's heartbeat rows (RDB): for every trial held at each beat, and at once for a trial
+        newly held (a trial without one is never found stale). One row write is a transaction."""
         storage = self.study._storage
-        if uses_optuna_heartbeat(storage):
-            for trial in self._trials():
+        if not uses_optuna_heartbeat(storage):
+            return
+        trials = self._trials()
+        for trial in trials:
+            if not (only_new and trial._trial_id in self._recorded):
                 storage.record_heartbeat(trial._trial_id)
+        self._recorded = {t._trial_id for t in trials}
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
