@@ -41,7 +41,6 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from hpo import coordinator, heartbeat, objective, overlap
@@ -114,7 +113,7 @@ class Population:
                 self._train(group)
         if self.pool:  # a signal came: hand back the trials that never started
             for member in self.pool:
-                self.behind.write(partial(self._hand_back, member))
+                self._hand_back(member)
             self.pool = []
 
     @property
@@ -193,7 +192,7 @@ class Population:
         except vectorized.Stopped:
             self.summary.interrupted = self.signals.name
             for member in self.active:
-                self.behind.write(partial(self._hand_back, member))
+                self._hand_back(member)
             self.active = []
         except NotVectorizable as err:
             # Found at the first step, before any slot trained: these and all later trials run alone.
@@ -203,7 +202,7 @@ class Population:
         except (KeyboardInterrupt, Interrupted) as stop:
             self.summary.interrupted = "SIGINT" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
             for member in self.active:
-                self.behind.write(partial(self._hand_back, member))
+                self._hand_back(member)
             self.active = []
         except Exception as err:  # the whole group failed (e.g. out of memory): fail its trials, go on
             attrs = {"hpo:fail_reason": f"{type(err).__name__}: {err}"[:1000], "hpo:traceback": traceback.format_exc()[-4000:]}
@@ -215,7 +214,7 @@ class Population:
         if self.signals.name and not self.summary.interrupted:  # noted while the group failed or fell back
             self.summary.interrupted = self.signals.name
             for member in fallback:
-                self.behind.write(partial(self._hand_back, member))
+                self._hand_back(member)
         elif fallback:
             self._solo_all(fallback)  # with the usual signal handling again
         self._beat()
@@ -307,10 +306,11 @@ class Population:
         self.behind.write(tell)
 
     def _hand_back(self, member: Member) -> None:
-        try:
-            persist(partial(hand_back, self.study, member.trial, self.summary.interrupted), "handing back a trial", self.patience)
-        except UpdateFinishedTrialError:
-            pass  # its result was told just before the signal came
+        """Re-queues the trial with its params, after the writes queued before (its reports). One
+        whose result was told just before the signal came is left as it is (the storage thread
+        passes over `UpdateFinishedTrialError`)."""
+        self.behind.write(partial(persist, partial(hand_back, self.study, member.trial, self.summary.interrupted),
+                                  "handing back a trial", self.patience))
 
     def _told(self, member: Member, state: TrialState) -> None:
         self.summary.states[state.name] = self.summary.states.get(state.name, 0) + 1
