@@ -74,9 +74,6 @@ def prepare(config: Config) -> Task:
     return task
 
 
-Write = Callable[[Callable[[], object]], None]
-
-
 class PruningCallback:
     """Reports the study's metric after each validation; raises `optuna.TrialPruned` when told to.
 
@@ -85,7 +82,7 @@ class PruningCallback:
     """
 
     def __init__(self, trial: optuna.Trial, metric: str, patience: float = outage.DEFAULT_PATIENCE,
-                 write: Write = overlap.at_once) -> None:
+                 write: overlap.Write = overlap.at_once) -> None:
         self.trial, self.metric, self.patience, self.write = trial, metric, patience, write
 
     def on_fit_start(self, state: trainers.State) -> None:
@@ -94,8 +91,8 @@ class PruningCallback:
         if state.resumed:
             for epoch, metrics in enumerate(state.history):
                 self._report(metrics[self.metric], epoch)
-            self.write(partial(outage.persist, partial(self.trial.set_user_attr, "hpo:resumed_at_epoch", len(state.history)),
-                               "reporting", self.patience))
+            overlap.persisted(self.write, partial(self.trial.set_user_attr, "hpo:resumed_at_epoch", len(state.history)),
+                              "reporting", self.patience)
 
     def on_validation_end(self, state: trainers.State) -> None:
         self._report(state.metrics[self.metric], state.epoch)
@@ -108,8 +105,8 @@ class PruningCallback:
         if step in reported:  # as Optuna: the first value of a step stays
             return
         reported[step] = float(value)
-        write = partial(self.trial.storage.set_trial_intermediate_value, self.trial._trial_id, step, float(value))
-        self.write(partial(outage.persist, write, "reporting an epoch", self.patience))
+        overlap.persisted(self.write, partial(self.trial.storage.set_trial_intermediate_value, self.trial._trial_id, step,
+                                              float(value)), "reporting an epoch", self.patience)
 
 
 def threads_for(config: Config, threads: int | None = None) -> int:
@@ -148,7 +145,7 @@ def seed_torch(seed: int) -> None:
 
 
 def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int | None = None,
-              callbacks: tuple[Any, ...] = (), write: Write = overlap.at_once) -> list[float]:
+              callbacks: tuple[Any, ...] = (), write: overlap.Write = overlap.at_once) -> list[float]:
     """Trains one trial; returns the objective values. Raises `optuna.TrialPruned` when pruned.
 
     The trial's storage writes go through `write` (see `PruningCallback`)."""
@@ -178,7 +175,7 @@ def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int |
         train_step=task.train_step,
         eval_step=task.eval_step,
     )
-    write(partial(outage.persist, partial(trial.set_user_attr, "hpo:metrics", dict(state.metrics)), "recording metrics", patience))
+    overlap.persisted(write, partial(trial.set_user_attr, "hpo:metrics", dict(state.metrics)), "recording metrics", patience)
     missing = [m for m in config.study.metrics if m not in state.metrics]
     if missing:
         raise KeyError(f"the loop did not report {', '.join(missing)} (it reported {', '.join(state.metrics)})")

@@ -12,17 +12,28 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import TypeVar
 
 from optuna.exceptions import UpdateFinishedTrialError
 
+from hpo import outage
+
 T = TypeVar("T")
+# Where a trial's storage writes go: `at_once`, or a `StorageThread`'s `write`.
+Write = Callable[[Callable[[], object]], None]
 
 
 def at_once(call: Callable[[], object]) -> None:
     """The writer where nothing overlaps (a trial run alone by a population worker): each call
     runs where it is made."""
     call()
+
+
+def persisted(write: Write, call: Callable[[], object], what: str, patience: float) -> None:
+    """`call` through `write`, riding out a storage outage of up to `patience` seconds
+    (`outage.persist`)."""
+    write(partial(outage.persist, call, what, patience))
 
 
 class StorageThread:

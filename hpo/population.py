@@ -309,8 +309,8 @@ class Population:
         """Re-queues the trial with its params, after the writes queued before (its reports). One
         whose result was told just before the signal came is left as it is (the storage thread
         passes over `UpdateFinishedTrialError`)."""
-        self.behind.write(partial(persist, partial(hand_back, self.study, member.trial, self.summary.interrupted),
-                                  "handing back a trial", self.patience))
+        overlap.persisted(self.behind.write, partial(hand_back, self.study, member.trial, self.summary.interrupted),
+                          "handing back a trial", self.patience)
 
     def _told(self, member: Member, state: TrialState) -> None:
         self.summary.states[state.name] = self.summary.states.get(state.name, 0) + 1
@@ -320,8 +320,8 @@ class Population:
 
     def _record_start(self, member: Member, group_size: int) -> None:
         info = {"width": self.width, "auto": self.vectorize.width == "auto", "data": self.vectorize.data}
-        self.behind.write(partial(persist, partial(member.trial.set_user_attr, "hpo:vectorize", info), "starting a trial", self.patience))
-        self.behind.write(partial(persist, partial(member.trial.set_user_attr, "hpo:vectorized_width", group_size), "starting a trial", self.patience))
+        for key, value in (("hpo:vectorize", info), ("hpo:vectorized_width", group_size)):
+            overlap.persisted(self.behind.write, partial(member.trial.set_user_attr, key, value), "starting a trial", self.patience)
 
     def _beat(self) -> None:
         self.beat.running([m.trial for m in (*self.active, *self.pool)])

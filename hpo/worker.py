@@ -272,7 +272,7 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, config, task, threads, su
 
 
 def _train(study: optuna.Study, trial: optuna.Trial, config, task, threads, summary: Summary,
-           signals: Signals | None, write: objective.Write) -> Callable[[], TrialState]:
+           signals: Signals | None, write: overlap.Write) -> Callable[[], TrialState]:
     """Trains the trial, its storage writes going through `write`; returns the call that records
     how it ended and gives its final state."""
     patience = config.study.storage_patience
@@ -297,7 +297,7 @@ def _train(study: optuna.Study, trial: optuna.Trial, config, task, threads, summ
     except trainers.OutOfMemoryError as err:
         attrs["hpo:fail_reason"] = f"OutOfMemoryError: {err}"[:1000]
         state = TrialState.FAIL
-        write(partial(persist, lambda: _retry_smaller(study, trial, config, attrs["hpo:fail_reason"]), "re-queueing a trial", patience))
+        overlap.persisted(write, partial(_retry_smaller, study, trial, config, attrs["hpo:fail_reason"]), "re-queueing a trial", patience)
     except Exception as err:
         attrs["hpo:fail_reason"] = f"{type(err).__name__}: {err}"[:1000]
         attrs["hpo:traceback"] = traceback.format_exc()[-4000:]
