@@ -81,6 +81,7 @@ class Population:
         self.pool: list[Member] = []  # asked, not yet training
         self.active: list[Member] = []  # training in the current group
         self.budget_spent = False
+        self.freed = 0  # slots ended in this epoch of the group and not yet refilled
         self.signals = Signals()  # SIGINT or SIGTERM, noted while a group trains
         self.warned: set[str] = set()
         # Reports, attributes and results are written from this thread while the group trains.
@@ -171,6 +172,7 @@ class Population:
     def _train(self, group: list[Member]) -> None:
         self.active = list(group)
         self.group_signature = group[0].signature
+        self.freed = 0
         for member in group:
             self._record_start(member, len(group))
         self._beat()
@@ -228,17 +230,20 @@ class Population:
     def _refill(self, slot: Slot):
         """A trial for the freed slot: a waiting one of the group's architecture, else one new
         trial from the sampler; None (the group shrinks) when neither fits."""
+        freed, self.freed = self.freed, max(0, self.freed - 1)
         if self.summary.interrupted or self.signals.name:
             return None
         match = next((m for m in self.pool if m.signature == self.group_signature), None)
-        if match is None and len(self.pool) < self.holding - len(self.active):
-            new = self._ask(1)
-            match = new[0] if new and new[0].signature == self.group_signature else None
+        room = self.holding - len(self.active) - len(self.pool)
+        if match is None and room > 0:
+            # One ask for every slot freed in this epoch (the refills come after all their ends).
+            new = self._ask(max(1, min(freed, room)))
+            match = next((m for m in new if m.signature == self.group_signature), None)
         if match is None:
             return None
         self.pool.remove(match)
         self.active.append(match)
-        self._record_start(match, len(self.active))
+        self._record_start(match, len(self.active) + self.freed)  # and the freed slots still to refill
         self._beat()
         return match.model, self._slot(match)
 
@@ -264,6 +269,7 @@ class Population:
             attrs["hpo:traceback"] = "".join(traceback.format_exception(error))[-4000:]
         self._tell(member, state, values, attrs)
         self.active.remove(member)
+        self.freed += 1
         self._beat()
 
     # -- alone ----------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ time until a target accuracy was first reached, and the mean group size.
 
 On a GPU, the digits MLP and the small conv net of search_spaces/digits_conv.yaml, in bf16:
 
-    python scripts/bench_vectorized.py --device cuda --precision bf16-mixed --model mlp conv --width auto --trials 64 --epochs 10
+    python scripts/bench_vectorized.py --device cuda --precision bf16-mixed --model mlp conv --spaces fixed-arch \
+        --width 32 --trials 128 --epochs 10 --rounds 1
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ for part in $parts; do
     loop) timeout 170 python3 scripts/bench_loop.py --device cuda --model conv --precision bf16-mixed \
             --rounds 3 --repeat 2 2>&1 | tee "$OUT/bench_loop.txt" ;;
     vectorized) timeout 250 python3 scripts/bench_vectorized.py --device cuda --precision bf16-mixed --model mlp conv \
-                  --width auto --trials 64 --epochs 10 --rounds 1 2>&1 | tee "$OUT/bench_vectorized.txt" ;;
+                  --spaces fixed-arch --width 32 --trials 128 --epochs 10 --rounds 1 2>&1 | tee "$OUT/bench_vectorized.txt" ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
   rc=$?

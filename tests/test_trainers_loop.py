@@ -158,6 +158,23 @@ def test_macro_f1_ignores_classes_never_seen_nor_predicted() -> None:
     assert value == pytest.approx(f1_score(y, predicted, average="macro"))
 
 
+@pytest.mark.parametrize("per_slot_targets", [False, True])
+def test_stacked_metrics_equal_each_models_own(per_slot_targets: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, 6, generator=g)
+    y = torch.randint(0, 6, (4, 50) if per_slot_targets else (50,), generator=g)
+    extra = torch.tensor([0.5, 0.25, 1.0, 2.0])
+    stacked = metrics.finalize_stacked(metrics.stacked_classification_sums(logits, y, 3), 50, {"train_loss": extra})
+    for k in range(4):
+        own = metrics.finalize(metrics.classification_sums(logits[k], y[k] if per_slot_targets else y, 3), 50,
+                               {"train_loss": extra[k]})
+        assert list(stacked[k]) == list(own) and stacked[k] == pytest.approx(own, rel=1e-6)
+    prediction, target = torch.randn(3, 20, 2, generator=g), torch.randn(20, 2, generator=g)
+    stacked = metrics.finalize_stacked(metrics.stacked_regression_sums(prediction, target), 20)
+    for k in range(3):
+        assert stacked[k] == pytest.approx(metrics.finalize(metrics.regression_sums(prediction[k], target), 20), rel=1e-6)
+
+
 def test_regression_reports_mse_and_mae() -> None:
     g = torch.Generator().manual_seed(0)
     x, xv = torch.randn(64, 8, generator=g), torch.randn(40, 8, generator=g)

@@ -856,4 +856,4 @@ def test_population_mode_on_postgresql_beats_for_every_trial(tmp_path, postgres_
         yaml.safe_dump(raw, f)
     study, summary = run_study(path, postgres_url, "pg")
     assert summary.states == {"COMPLETE": 5}
-    assert [t.user_attrs["hpo:vectorized_width"] for t in study.get_trials()] == [2, 2, 2, 2, 1]
+    assert [t.user_attrs["hpo:vectorized_width"] for t in study.get_trials()] == [2, 2, 2, 2, 2]

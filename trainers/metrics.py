@@ -36,14 +36,15 @@ def confusion(predicted: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch
 
 def macro_f1(counts: torch.Tensor) -> torch.Tensor:
     """Unweighted mean of per-class F1 over the classes that occur as truth or prediction
-    (scikit-learn's ``f1_score(average="macro")``)."""
-    n = int(round(counts.numel() ** 0.5))
-    matrix = counts.reshape(n, n).to(torch.float64)
-    true_pos = matrix.diagonal()
-    support_plus_predicted = matrix.sum(0) + matrix.sum(1)
+    (scikit-learn's ``f1_score(average="macro")``). Counts [C*C] give a 0-d tensor; [K, C*C]
+    (K models' counts) give [K]."""
+    n = int(round(counts.shape[-1] ** 0.5))
+    matrix = counts.reshape(*counts.shape[:-1], n, n).to(torch.float64)
+    true_pos = matrix.diagonal(dim1=-2, dim2=-1)
+    support_plus_predicted = matrix.sum(-2) + matrix.sum(-1)
     present = support_plus_predicted > 0
     f1 = 2 * true_pos / support_plus_predicted.clamp(min=1)
-    return (f1 * present).sum() / present.sum().clamp(min=1)
+    return (f1 * present).sum(-1) / present.sum(-1).clamp(min=1)
 
 
 def regression_sums(prediction: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -52,6 +53,35 @@ def regression_sums(prediction: torch.Tensor, y: torch.Tensor) -> dict[str, torc
     squared = error.square().flatten(1).mean(1) if error.dim() > 1 else error.square()
     absolute = error.abs().flatten(1).mean(1) if error.dim() > 1 else error.abs()
     return {"loss": squared.sum(), "mse": squared.sum(), "mae": absolute.sum()}
+
+
+def stacked_classification_sums(logits: torch.Tensor, y: torch.Tensor, top_k: int = 5) -> dict[str, torch.Tensor]:
+    """`classification_sums` for K models at once: logits [K, B, C], targets [B] (shared) or
+    [K, B]; each sum is [K] (the confusion counts [K, C*C]). A dozen ops for the whole group,
+    not a dozen per model: on a GPU each op is a launch that costs more than its work."""
+    slots, n_classes = logits.shape[0], logits.shape[-1]
+    y = y.expand(slots, *y.shape) if y.dim() == 1 else y
+    k = min(top_k, n_classes)
+    predicted = logits.argmax(dim=-1)
+    in_top_k = (logits.topk(k, dim=-1).indices == y.unsqueeze(-1)).any(dim=-1)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(slots, -1).sum(1)
+    offsets = torch.arange(slots, device=y.device).unsqueeze(1) * n_classes * n_classes
+    counts = torch.bincount((offsets + y * n_classes + predicted).flatten(), minlength=slots * n_classes * n_classes)
+    return {
+        "loss": loss,
+        "accuracy": (predicted == y).sum(1),
+        f"top{top_k}_accuracy": in_top_k.sum(1),
+        "confusion": counts.view(slots, n_classes * n_classes),
+    }
+
+
+def stacked_regression_sums(prediction: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`regression_sums` for K models at once: predictions [K, B, ...] against shared targets."""
+    slots = prediction.shape[0]
+    error = prediction.reshape(slots, *y.shape).float() - y
+    squared = error.square().flatten(2).mean(2) if error.dim() > 2 else error.square()
+    absolute = error.abs().flatten(2).mean(2) if error.dim() > 2 else error.abs()
+    return {"loss": squared.sum(1), "mse": squared.sum(1), "mae": absolute.sum(1)}
 
 
 def accumulate(sums: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
@@ -67,13 +97,30 @@ def finalize(
 ) -> dict[str, float]:
     """`extra` as is, then the means of the sums (and F1 from the confusion counts) prefixed
     with `prefix`, as floats: the one host sync."""
+    values = _values(sums, count, extra, prefix)
+    if not values:
+        return {}
+    floats = torch.stack([v.detach().to(torch.float64).reshape(()) for v in values.values()]).tolist()
+    return dict(zip(values, floats))
+
+
+def finalize_stacked(
+    sums: dict[str, torch.Tensor], count: int, extra: dict[str, torch.Tensor] | None = None, prefix: str = "val_"
+) -> list[dict[str, float]]:
+    """`finalize` for K models' sums ([K] each, the confusion counts [K, C*C]) and extras ([K]):
+    K dicts of floats, from one host sync for the whole group."""
+    values = _values(sums, count, extra, prefix)
+    if not values:
+        return []
+    rows = torch.stack([v.detach().to(torch.float64) for v in values.values()]).T.tolist()
+    return [dict(zip(values, row)) for row in rows]
+
+
+def _values(sums: dict[str, torch.Tensor], count: int, extra: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor]:
     values = dict(extra or {})
     for name, total in sums.items():
         if name == "confusion":
             values[f"{prefix}f1"] = macro_f1(total)
         else:
             values[f"{prefix}{name}"] = total / max(count, 1)
-    if not values:
-        return {}
-    floats = torch.stack([v.detach().to(torch.float64).reshape(()) for v in values.values()]).tolist()
-    return dict(zip(values, floats))
+    return values
