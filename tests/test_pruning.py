@@ -78,3 +78,52 @@ def test_trials_trained_side_by_side_share_one_snapshot() -> None:
             pruner.prune(study, storage.get_trial(trial._trial_id))
     # A read at each trial's first report, none after: 4 reads for 12 decisions.
     assert storage.reads - before == 4
+
+
+def test_percentile_is_numpys_bit_for_bit() -> None:
+    import math
+    import random
+
+    import numpy as np
+
+    rng = random.Random(0)
+    for n in [1, 2, 3, 4, 5, 7, 10, 31, 100, 301]:
+        for _ in range(20):
+            values = [rng.choice([rng.gauss(0, 1), rng.uniform(-1e6, 1e6), 0.5, float(rng.randint(0, 3))]) for _ in range(n)]
+            if rng.random() < 0.3:
+                values[rng.randrange(n)] = math.nan
+            for q in (0.0, 10.0, 25.0, 33.3, 50.0, 66.7, 75.0, 90.0, 100.0):
+                ours, theirs = pruning.percentile(values, q), float(np.nanpercentile(np.array(values, dtype=float), q))
+                assert ours == theirs or (math.isnan(ours) and math.isnan(theirs)), (values, q)
+
+
+def test_percentile_pruners_decide_as_optuna_on_random_studies() -> None:
+    import random
+
+    rng = random.Random(1)
+    pruners = [optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+               optuna.pruners.PercentilePruner(25.0, n_startup_trials=2, n_warmup_steps=0, interval_steps=2, n_min_trials=3),
+               optuna.pruners.PercentilePruner(80.0, n_startup_trials=0, n_warmup_steps=2)]
+    decisions = pruned = 0
+    for direction in ("minimize", "maximize"):
+        for bare in pruners:
+            study = optuna.create_study(direction=direction)
+            for _ in range(30):  # finished trials of varying lengths (some pruned early)
+                trial = study.ask()
+                steps = rng.randint(1, 6)
+                for step in range(steps):
+                    trial.report(rng.choice([rng.gauss(step, 1.0), float("nan")]) if rng.random() < 0.05 else rng.gauss(step, 1.0), step)
+                study.tell(trial, rng.gauss(0, 1)) if steps > 2 else study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            ours = pruning.SnapshotPruner(bare)
+            for _ in range(10):
+                trial = study.ask()
+                offset = rng.uniform(-3, 3)  # some trials clearly better than the history, some worse
+                for step in range(6):
+                    trial.report(rng.gauss(step, 1.0) + offset, step)
+                    frozen = study._storage.get_trial(trial._trial_id)
+                    decision = ours.prune(study, frozen)
+                    assert decision == bare.prune(study, frozen)
+                    decisions += 1
+                    pruned += decision
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    assert decisions == 2 * 3 * 10 * 6 and 40 < pruned < decisions - 40  # both kinds, many of each
