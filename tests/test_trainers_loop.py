@@ -201,3 +201,23 @@ def test_dataloader_path_gives_the_same_metrics_as_device_tensors() -> None:
     on_device = trainers.fit(make_model(), make_data(), config)
     streamed = trainers.fit(make_model(), make_data(), trainers.TrainerConfig(**{**config.__dict__, "data_on_device": False}))
     assert streamed.history == on_device.history
+
+
+def test_gradients_are_cleared_after_each_step_also_of_a_param_group_added_by_a_callback() -> None:
+    extra = nn.Parameter(torch.zeros(3))
+    model = make_model()
+    seen: list[tuple[bool, bool]] = []
+
+    class AddGroup:
+        def on_fit_start(self, state) -> None:
+            state.optimizer.add_param_group({"params": [extra]})
+
+        def on_batch_start(self, state) -> None:
+            extra.grad = torch.ones(3)  # as if the loss had used it
+
+        def on_batch_end(self, state) -> None:
+            seen.append((extra.grad is None, all(p.grad is None for p in model.parameters())))
+
+    trainers.fit(model, make_data(), trainers.TrainerConfig(epochs=2, batch_size=16, device="cpu"), [AddGroup()])
+    assert seen == [(True, True)] * 8
+    assert (extra.detach() < 0).all()  # the optimizer stepped it, then its gradient was cleared
