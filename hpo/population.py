@@ -230,7 +230,8 @@ class Population:
     def _refill(self, slot: Slot):
         """A trial for the freed slot: a waiting one of the group's architecture, else one new
         trial from the sampler; None (the group shrinks) when neither fits."""
-        freed, self.freed = self.freed, max(0, self.freed - 1)
+        freed = self.freed  # this one included
+        self.freed = max(0, freed - 1)
         if self.summary.interrupted or self.signals.name:
             return None
         match = next((m for m in self.pool if m.signature == self.group_signature), None)

@@ -10,9 +10,9 @@ miss is a trial finished less than `max_age_s` before it was read, or one whose 
 being written (`hpo.overlap`), as if that trial had finished a moment later.
 
 For the median and percentile pruners the decision itself is Optuna's rule with the percentile
-computed in plain Python (`percentile`, bit for bit NumPy's), once per step and snapshot: NumPy's
-`nanpercentile` costs about a millisecond per call on a few hundred values, and it ran at every
-report of every trial.
+computed in plain Python (`percentile`, bit for bit NumPy's), once per step and snapshot: on a
+240-trial study a decision took 280 us through Optuna (mostly `np.nanpercentile`), 46-108 us here,
+at every report of every trial.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class SnapshotPruner(optuna.pruners.BasePruner):
         # this worker finished just before it); later asks, of it or of the other trials a
         # population worker trains beside it, share the snapshot until it is too old.
         self._seen: dict[int, None] = {}
+        self._completed: list[FrozenTrial] = []  # the snapshot's finished trials
         self._percentiles: dict[int, float] = {}  # per step, for the current snapshot
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
@@ -51,6 +52,7 @@ class SnapshotPruner(optuna.pruners.BasePruner):
         if trial._trial_id not in self._seen or now - self._taken > self.max_age_s:
             self._trials = study.get_trials(deepcopy=False)
             self._taken = now
+            self._completed = [t for t in self._trials if t.state == TrialState.COMPLETE]
             self._percentiles = {}
         self._seen[trial._trial_id] = None
         if len(self._seen) > 4096:
@@ -61,8 +63,7 @@ class SnapshotPruner(optuna.pruners.BasePruner):
 
     def _percentile_prune(self, direction: StudyDirection, trial: FrozenTrial) -> bool:
         """`PercentilePruner.prune` (Optuna 5), on the snapshot, with the percentile per step cached."""
-        p = self.pruner
-        completed = [t for t in self._trials if t.state == TrialState.COMPLETE]
+        p, completed = self.pruner, self._completed
         if not completed or len(completed) < p._n_startup_trials:
             return False
         step = trial.last_step

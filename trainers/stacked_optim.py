@@ -62,7 +62,9 @@ class StackedOptimizer:
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         every = len(live) == len(self.params)
         slot_grads = list(zip(*(self.params[i].grad.unbind(0) for i in live)))
-        for k, (kind, options) in enumerate(self.options()):
+        for k, (kind, options) in enumerate(self.specs):
+            if self.groups[k] is not None:
+                options = _scheduled(kind, options, self.groups[k])
             pick = (lambda views: list(views)) if every else (lambda views: [views[i] for i in live])  # noqa: E731
             params, grads, m = pick(self.slot_params[k]), list(slot_grads[k]), pick(self.slot_m[k])
             skip = found_inf[k] if found_inf is not None else None
@@ -88,11 +90,6 @@ class StackedOptimizer:
                   amsgrad=False, maximize=False, found_inf=skip, **options)
             if skip is not None:
                 self.steps[k] -= skip  # a skipped step does not count, as in torch.optim's fused Adam
-
-    def options(self) -> list[tuple[str, dict[str, Any]]]:
-        """Each slot's kernel and its keyword arguments for the next step (a schedule's current values in)."""
-        return [(kind, _scheduled(kind, options, group) if group is not None else options)
-                for (kind, options), group in zip(self.specs, self.groups)]
 
     def slot_state_dict(self, index: int) -> dict[str, Any]:
         """Slot `index`'s state as the `state_dict()` of the torch optimizer that `fit` builds for
