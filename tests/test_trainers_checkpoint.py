@@ -321,3 +321,24 @@ def test_a_writer_process_that_dies_fails_the_fit_and_the_next_fit_gets_a_new_on
     assert not list(Path("/dev/shm").glob(f"trainers-ckpt-{os.getpid()}-*"))  # its buffers freed
     trainers.fit(make_model(0), make_data(), config(tmp_path / "again", epochs=1))
     assert writer.start() is not process and checkpoint.load(tmp_path / "again" / "last.pt")["epoch"] == 0
+
+
+def test_numpy_rng_state_is_saved_as_it_is_after_each_kind_of_draw() -> None:
+    # The capture reuses the last saved NumPy state when the raw words have not moved: after
+    # uniform draws, a Gaussian pair (one cached), the cached one used (no word moves), a reseed.
+    import numpy as np
+
+    def captured() -> tuple:
+        kind, keys, pos, has_gauss, cached = checkpoint.rng_state(None)["numpy"]
+        return kind, keys.numpy().astype(np.uint32).tolist(), pos, has_gauss, cached
+
+    def actual() -> tuple:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return kind, keys.tolist(), pos, has_gauss, cached
+
+    np.random.seed(3)
+    steps = [lambda: None, lambda: None, np.random.rand, np.random.standard_normal,
+             np.random.standard_normal, lambda: None, lambda: np.random.seed(3), np.random.standard_normal]
+    for step in steps:
+        step()
+        assert captured() == actual()
