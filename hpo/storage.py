@@ -17,6 +17,7 @@ logger's handlers.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import importlib.util
 import logging
@@ -35,7 +36,7 @@ from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo.redis_journal import RedisJournalBackend
 
@@ -228,6 +229,8 @@ def _redis(url: str) -> BaseStorage:
 def _rdb(url: str, scheme: str, heartbeat: Heartbeat | None) -> BaseStorage:
     import sqlalchemy.exc
 
+    from hpo.rdb import FastRDBStorage  # SQLAlchemy: imported only for a database
+
     beat = {}
     if heartbeat is not None:
         interval, grace, callback = heartbeat
@@ -238,8 +241,9 @@ def _rdb(url: str, scheme: str, heartbeat: Heartbeat | None) -> BaseStorage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # pool_pre_ping: a worker outlives database restarts and idle-connection reaping.
-            rdb = RDBStorage(_with_driver(url, scheme), engine_kwargs={"pool_pre_ping": True}, **beat)
+            # A worker outlives database restarts and idle-connection reaping: a connection idle
+            # for a second is pinged before use (`hpo.rdb.ping_when_idle`).
+            rdb = FastRDBStorage(_with_driver(url, scheme), engine_kwargs={"pool_pre_ping": False}, **beat)
             return _RecentReads(rdb, max_staleness=RDB_MAX_STALENESS)
     except ModuleNotFoundError as err:
         extra = "mysql" if "mysql" in scheme or "mariadb" in scheme else "postgres"
@@ -261,7 +265,9 @@ class _RecentReads(_CachedStorage):
     attributes and state changes make the next read fresh (trials sampled together, as population
     mode does, must see each other's parameters for constant liar and the grid sampler). Only its
     intermediate values may show a window late in the list, never in `get_trial`, which reads a
-    running trial from the database. The trial budget reads fresh (`refresh`, under the study's lock).
+    running trial from the database, except the one read of a trial this process has just created
+    (by `optuna.Trial`), which is given what was written. The trial budget reads fresh (`refresh`,
+    under the study's lock). The reads and writes themselves skip Optuna's ORM (`hpo.rdb`).
     """
 
     def __init__(self, backend: RDBStorage, max_staleness: float) -> None:
@@ -270,14 +276,29 @@ class _RecentReads(_CachedStorage):
         self._read_at: dict[int, float] = {}  # when the last read of each study was sent
         # Reads sent before this moment are not trusted: a write or `refresh` came after them.
         self._fresh_after = time.monotonic()
+        self._created: tuple[int, FrozenTrial] | None = None  # the trial this process made last
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
         # Another process's monotonic clock: its times mean nothing here.
-        self._read_at, self._fresh_after = {}, time.monotonic()
+        self._read_at, self._fresh_after, self._created = {}, time.monotonic(), None
 
     def refresh(self) -> None:
         self._fresh_after = time.monotonic()
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        # `optuna.Trial` reads the trial it was just given; it is exactly what was written.
+        trial_id = super().create_new_trial(study_id, template_trial)
+        with self._lock:
+            study_id, number = self._trial_id_to_study_id_and_number[trial_id]
+            self._created = (trial_id, copy.deepcopy(self._studies[study_id].trials[number]))
+        return trial_id
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        created, self._created = self._created, None
+        if created is not None and created[0] == trial_id:
+            return created[1]
+        return super().get_trial(trial_id)
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
         sent = time.monotonic()
