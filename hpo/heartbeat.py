@@ -17,6 +17,8 @@ import os
 import socket
 import threading
 import time
+import warnings
+from functools import partial
 from typing import Any
 
 import optuna
@@ -24,7 +26,11 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo import outage
+
 WORKER_PREFIX = "hpo:worker:"
+# How long a worker's first and last beat ride out a storage outage (`hpo.outage`).
+BEAT_PATIENCE_S = 60.0
 RETRY_OF = "hpo:retry_of"
 
 
@@ -46,7 +52,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
 
     def __enter__(self) -> Heartbeat:
-        self.beat()
+        outage.persist(self.beat, "recording the worker", BEAT_PATIENCE_S)
         self._thread.start()
         return self
 
@@ -54,7 +60,10 @@ class Heartbeat:
         self._stop.set()
         self._thread.join()
         self.running(None)
-        self.beat(alive=False)
+        try:
+            outage.persist(partial(self.beat, alive=False), "recording the worker's exit", BEAT_PATIENCE_S)
+        except outage.StorageUnavailable:
+            pass  # its beats stop: others see it gone after the grace period, its trials are told
 
     def running(self, trial: optuna.Trial | list[optuna.Trial] | None) -> None:
         """Marks the trial(s) this worker now runs (None or []: idle).
@@ -64,13 +73,13 @@ class Heartbeat:
         journal heartbeat is the worker's, already beating; the trials carry ``hpo:worker``.
         """
         self._running = [] if trial is None else list(trial) if isinstance(trial, (list, tuple)) else [trial]
-        self._beat_trials(only_new=True)
+        self._beat_new()
 
     def ahead(self, trial: optuna.Trial | None) -> None:
         """Marks the trial this worker asked for ahead (`worker.asks_ahead`): it is RUNNING in the
         storage before it trains, and must be found stale too if the worker dies meanwhile."""
         self._ahead = [] if trial is None else [trial]
-        self._beat_trials(only_new=True)
+        self._beat_new()
 
     def telling(self, trial: optuna.Trial) -> None:
         """Keeps beating for a trial whose result is queued (`hpo.overlap`) until `told`: a trial
@@ -97,6 +106,15 @@ class Heartbeat:
             record["trials"] = numbers
         storage.set_study_system_attr(self.study._study_id, WORKER_PREFIX + self.worker, record)
         self._beat_trials()
+
+    def _beat_new(self) -> None:
+        try:
+            self._beat_trials(only_new=True)
+        except Exception as err:
+            if not outage.transient(err):
+                raise
+            # The storage is unreachable: the next regular beat (within an interval, well inside
+            # the grace period) records them, as it does every trial held.
 
     def _beat_trials(self, only_new: bool = False) -> None:
         """Optuna's heartbeat rows (RDB): for every trial held at each beat, and at once for a trial
@@ -138,7 +156,9 @@ def sweep(study: optuna.Study, grace: float, max_retries: int, now: float | None
     rdb = uses_optuna_heartbeat(storage)
     if rdb:
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():  # "experimental since v2.9": a warning at every sweep
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         failed = sorted(before - after)
     now = time.time() if now is None else now
@@ -155,6 +175,30 @@ def sweep(study: optuna.Study, grace: float, max_retries: int, now: float | None
         retry(study, storage.get_trial(trial._trial_id), reason, max_retries)
         failed.append(trial.number)
     return failed
+
+
+def orphans(trials: list[FrozenTrial], worker: str, held: list[int]) -> list[FrozenTrial]:
+    """The RUNNING trials in `trials` that carry `worker`'s name but that it does not hold."""
+    return [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("hpo:worker") == worker
+            and t.number not in held]
+
+
+def requeue_orphans(study: optuna.Study, trials: list[FrozenTrial], worker: str, held: list[int],
+                    max_retries: int) -> list[int]:
+    """Fails and re-queues this worker's orphans in `trials`: RUNNING trials that carry its name but
+    that it does not hold (`held`), i.e. made by an ask whose reply a storage outage lost before
+    the worker asked again; returns their numbers. The worker knows that at once, where the others'
+    sweeps wait for the grace period (`sweep`); it does so before it stops for a spent budget, so
+    that the study still ends with its number of trials."""
+    storage, requeued = study._storage, []
+    for trial in orphans(trials, worker, held):
+        try:
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue  # another process failed it first
+        retry(study, storage.get_trial(trial._trial_id), f"worker {worker} lost the reply that created it", max_retries)
+        requeued.append(trial.number)
+    return requeued
 
 
 def _lost(trial: FrozenTrial, worker: str | None, record: dict[str, Any] | None, grace: float, now: float,

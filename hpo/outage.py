@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import optuna.exceptions
 import redis.exceptions
 import sqlalchemy.exc
 
@@ -32,6 +33,15 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
+def transient(err: BaseException) -> bool:
+    """Whether `err` is the storage being unreachable, not a bad request: a connection error, or
+    Optuna's (and hpo's) wrapping of one for a database call (`StorageInternalError` caused by
+    a dropped connection, e.g. a database restart under a busy worker)."""
+    if isinstance(err, TRANSIENT):
+        return True
+    return isinstance(err, optuna.exceptions.StorageInternalError) and isinstance(err.__cause__, TRANSIENT)
+
+
 class StorageUnavailable(RuntimeError):
     """The storage stayed unreachable for longer than the patience allows."""
 
@@ -44,7 +54,9 @@ def persist(call: Callable[[], T], what: str, patience: float = DEFAULT_PATIENCE
     while True:
         try:
             result = call()
-        except TRANSIENT as err:
+        except Exception as err:
+            if not transient(err):
+                raise
             waited = time.monotonic() - started
             reason = scrub(" ".join(str(err).split()))[:200]
             if waited + delay > patience:

@@ -21,6 +21,7 @@ from functools import partial
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.study._tell import _tell_with_warning
 from optuna.trial import FrozenTrial, TrialState
 
 import trainers
@@ -182,6 +183,8 @@ def _loop(study, config, task, threads, seed, beat: heartbeat.Heartbeat, summary
                 break
             beat.running(trial)  # before it leaves `ahead`: a beat that listed it nowhere would orphan it
             beat.ahead(None)
+            if isinstance(study.pruner, pruning.SnapshotPruner):  # read while the first epoch trains
+                study.pruner.prefetch(trial._trial_id, behind.submit(partial(pruning.read_snapshot, study)))
             if ahead:
                 pending = behind.submit(partial(ask, wait=False))
             tell = _train(study, trial, config, task, threads, summary, signals, behind.write)
@@ -226,6 +229,14 @@ def _ask_sampled(study, config, user_attrs: dict, beat: heartbeat.Heartbeat, pat
             asked, trials = persist(partial(coordinator.ask, study, config, user_attrs=user_attrs), "asking for a trial", patience)
             if asked:
                 break
+            # The budget looks spent: a trial this worker's lost reply made must not take a place.
+            # Asked again after the re-queue, whatever it returned: a retry that it made before
+            # an outage cut its reply is there to be run.
+            if heartbeat.orphans(trials, beat.worker, beat.trial_numbers):
+                persist(partial(heartbeat.requeue_orphans, study, trials, beat.worker, beat.trial_numbers, s.max_retries),
+                        "re-queueing a trial", patience)
+                trials = None
+                continue
         if stopped() or time.monotonic() > give_up or not coordinator.others_may_requeue(config, trials, beat.worker):
             return None
         if not wait:
@@ -311,9 +322,12 @@ def finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, values: 
     for key, value in attrs.items():
         persist(partial(trial.set_user_attr, key, value), "recording a trial", patience)
     try:
-        # The result waits here, in memory, while the storage is unreachable.
-        persist(lambda: study.tell(trial, values) if state == TrialState.COMPLETE else study.tell(trial, state=state),
-                "telling a trial's result", patience)
+        # The result waits here, in memory, while the storage is unreachable. `study.tell` without
+        # its last step, a read of the told trial that nothing here uses (a query per trial on a
+        # database); its result is the state the trial ended in (a NaN value fails it).
+        told = persist(lambda: _tell_with_warning(study, trial, values) if state == TrialState.COMPLETE
+                       else _tell_with_warning(study, trial, state=state), "telling a trial's result", patience)
+        state = told[0]
     except UpdateFinishedTrialError:
         # Either this worker was declared dead (no beat within the grace period) and its trial
         # failed and re-queued by another, whose retry counts; or a tell whose reply was lost to

@@ -170,6 +170,22 @@ def test_a_trial_its_live_worker_no_longer_holds_is_swept_once(tmp_path: Path, k
     assert "no longer holds it" in retries[0].user_attrs["hpo:attempts"][0]["reason"]
 
 
+def test_a_worker_requeues_its_own_orphans_at_once(tmp_path: Path) -> None:
+    # The worker itself knows which of the trials carrying its name it holds: no grace period.
+    url = str(tmp_path / "h.journal")
+    study = created(write_study(tmp_path, "own", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=3, **LIVENESS), url)
+    held, orphan, others = study.ask(), study.ask(), study.ask()
+    for trial, worker in ((held, "me"), (orphan, "me"), (others, "you")):
+        trial.set_user_attr("hpo:worker", worker)
+    assert heartbeat.requeue_orphans(study, study.get_trials(), "me", [held.number], 2) == [orphan.number]
+    assert heartbeat.requeue_orphans(study, study.get_trials(), "me", [held.number], 2) == []
+    trials = study.get_trials()
+    assert [t.state for t in trials[:3]] == [TrialState.RUNNING, TrialState.FAIL, TrialState.RUNNING]
+    retries = [t for t in trials if t.user_attrs.get(heartbeat.RETRY_OF) == orphan.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.WAITING
+    assert len(coordinator.counted(trials)) == 2  # the retry takes the orphan's place when it starts
+
+
 def test_supervisor_restarts_a_crashed_worker_and_the_study_completes(tmp_path: Path) -> None:
     path = write_study(tmp_path, "supervised", {"slow": True, "lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=5, **LIVENESS)
     url = str(tmp_path / "h.journal")
@@ -305,3 +321,35 @@ def test_workers_ride_out_a_redis_restart_and_lose_nothing(tmp_path: Path) -> No
     finally:
         server.kill()
         server.wait()
+
+
+def test_workers_ride_out_postgresql_dropping_their_connections(tmp_path: Path, postgres_url: str) -> None:
+    # What a database restart does to its clients: every connection closed under them, busy or
+    # idle. hpo pings a pooled connection only when it has been idle a second (`hpo.rdb`), so a
+    # busy one fails its next statement; the worker's retry gets a new one and nothing is lost.
+    import uuid
+
+    import psycopg
+
+    app = f"hpo-drop-{uuid.uuid4().hex[:6]}"
+    url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}application_name={app}"
+    path = write_study(tmp_path, app, {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=12,
+                       heartbeat_interval=1, grace_period=30, storage_patience=60)
+    study = created(path, url)
+    workers = [start_worker(url, app, tmp_path) for _ in range(2)]
+    deadline = time.time() + 90
+    while time.time() < deadline and sum(t.state.is_finished() for t in study.get_trials()) < 2:
+        time.sleep(0.1)
+    dropped = 0
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        for _ in range(4):  # mid-study, with the workers asking, reporting and telling
+            dropped += len(admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                         "WHERE application_name = %s", (app,)).fetchall())
+            time.sleep(0.7)
+    outputs = [w.communicate(timeout=180) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err for _, err in outputs]
+    assert dropped >= 4
+    trials = optuna.load_study(study_name=app, storage=open_storage(postgres_url)).get_trials()
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert len(coordinator.counted(trials)) == 12
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in coordinator.counted(trials))

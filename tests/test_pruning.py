@@ -127,3 +127,34 @@ def test_percentile_pruners_decide_as_optuna_on_random_studies() -> None:
                     pruned += decision
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     assert decisions == 2 * 3 * 10 * 6 and 40 < pruned < decisions - 40  # both kinds, many of each
+
+
+def test_a_prefetched_snapshot_serves_the_trials_first_report_unless_stale_or_failed() -> None:
+    import time
+    from concurrent.futures import Future
+
+    storage = CountingStorage()
+    pruner = pruning.with_snapshot(optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+    study = optuna.create_study(storage=storage, pruner=pruner)
+    _history(study)  # at step 0 the finished trials reported 0..7: median 3.5, so 2.0 stays
+
+    def ready(value=None, error=None) -> Future:
+        future: Future = Future()
+        future.set_exception(error) if error else future.set_result(value)
+        return future
+
+    # Read while the first epoch trained (here: a snapshot whose trials all reported 0 at step 0,
+    # so 2.0 is pruned): the first report uses it and reads nothing.
+    zero = optuna.trial.create_trial(value=0.0, intermediate_values={0: 0.0})
+    trial = study.ask()
+    pruner.prefetch(trial._trial_id, ready((time.monotonic(), [zero, zero])))
+    reads = storage.reads
+    trial.report(2.0, 0)
+    assert trial.should_prune() and storage.reads == reads
+    # Failed, older than max_age_s, or another trial's: the study is read again, and decides.
+    for prefetched in (ready(error=RuntimeError("storage down")), ready((time.monotonic() - 100, [zero, zero])), None):
+        trial = study.ask()
+        pruner.prefetch(trial._trial_id - (prefetched is None), prefetched or ready((time.monotonic(), [zero, zero])))
+        reads = storage.reads
+        trial.report(2.0, 0)
+        assert not trial.should_prune() and storage.reads == reads + 1
