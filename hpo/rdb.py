@@ -87,7 +87,7 @@ class FastRDBStorage(RDBStorage):
 
     def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
         studies = models.StudyModel.__table__
-        for attempt in range(5):  # as Optuna: the study's row lock may deadlock under load
+        for attempt in range(5):  # as Optuna: the study's row lock may deadlock under load (retried)
             try:
                 with self._transaction() as conn:
                     # The study's row is locked while the trial's number is counted, as Optuna does.
@@ -95,8 +95,10 @@ class FastRDBStorage(RDBStorage):
                                     .with_for_update()).first() is None:
                         raise KeyError(models.NOT_FOUND_MSG)
                     return self._insert_trial(conn, study_id, template_trial)
-            except StorageInternalError:
-                if attempt == 4:
+            except StorageInternalError as err:
+                # A lost connection is not retried here: its commit may have gone through, and a
+                # second trial would be made. The caller's outage handling (`hpo.outage`) decides.
+                if attempt == 4 or getattr(err.__cause__, "connection_invalidated", False):
                     raise
                 time.sleep(random.random() * 2.0)
         raise AssertionError("unreachable")

@@ -123,7 +123,7 @@ def run_worker(
     previous = _raise_on_sigterm()
     try:
         with heartbeat.Heartbeat(study, worker, s.heartbeat_interval, s.grace_period, s.max_retries) as beat:
-            heartbeat.sweep(study, s.grace_period, s.max_retries)
+            persist(partial(heartbeat.sweep, study, s.grace_period, s.max_retries), "sweeping stale trials", s.storage_patience)
             _loop(study, config, task, threads, seed, beat, summary, on_trial)
     finally:
         if previous is not None:
