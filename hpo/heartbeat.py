@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -27,11 +28,16 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import outage
+from hpo.storage import refresh, study_lock
 
 WORKER_PREFIX = "hpo:worker:"
 # How long a worker's first and last beat ride out a storage outage (`hpo.outage`).
 BEAT_PATIENCE_S = 60.0
 RETRY_OF = "hpo:retry_of"
+# Written on a trial just before hpo fails it in order to re-queue it: the reason, and whether the
+# retry uses up one of the trial's retries. A failed trial so marked that has no retry lost its
+# re-queue to an outage between the two writes; the next sweep re-queues it (`requeue_cut_off`).
+REQUEUE = "hpo:requeue"
 
 
 def uses_optuna_heartbeat(storage: BaseStorage) -> bool:
@@ -149,7 +155,8 @@ def sweep(study: optuna.Study, grace: float, max_retries: int, now: float | None
     A trial is lost when its worker stopped beating for `grace` seconds (Optuna's own heartbeat on
     RDB storages), or when its worker beats on but has not listed it among the trials it holds for
     `grace` seconds since it started: an orphan, e.g. a trial created by an ask whose reply an
-    outage lost, which the worker then asked again. The worker's own clock dates both.
+    outage lost, which the worker then asked again. The worker's own clock dates both. It also
+    re-queues the trials whose re-queue an outage cut off (`requeue_cut_off`).
     """
     storage = study._storage
     failed: list[int] = []
@@ -163,18 +170,63 @@ def sweep(study: optuna.Study, grace: float, max_retries: int, now: float | None
         failed = sorted(before - after)
     now = time.time() if now is None else now
     beats = workers(study)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        if trial.state != TrialState.RUNNING:
+            continue
         worker = trial.user_attrs.get("hpo:worker")
         reason = _lost(trial, worker, beats.get(worker) if worker else None, grace, now, rdb)
         if reason is None:
             continue
-        try:
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            continue  # another process failed it first (or it just finished): not ours to retry
-        retry(study, storage.get_trial(trial._trial_id), reason, max_retries)
-        failed.append(trial.number)
+        if fail_and_requeue(study, trial, reason, max_retries):
+            failed.append(trial.number)
+    requeue_cut_off(study, trials, grace, max_retries, now)
     return failed
+
+
+def fail_and_requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str, max_retries: int,
+                     charged: bool = True) -> bool:
+    """Fails a RUNNING trial and re-queues its params (`retry`); False when it had ended, or another
+    process failed it first (the FAIL write decides: exactly one wins, and re-queues). `charged`:
+    the retry uses up one of `max_retries` (a pre-emption does not).
+
+    The re-queue is marked on the trial before it fails (`REQUEUE`): an outage that cuts this
+    short after the fail leaves a trial that the next sweep re-queues, not one lost for good.
+    """
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, REQUEUE, {"reason": reason, "charged": charged})
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False  # another process failed it first (or it just finished): not ours to retry
+    retry(study, storage.get_trial(trial._trial_id), reason, max_retries if charged else sys.maxsize)
+    return True
+
+
+def requeue_cut_off(study: optuna.Study, trials: list[FrozenTrial], settle: float, max_retries: int,
+                    now: float | None = None) -> list[int]:
+    """Re-queues the trials whose re-queue an outage cut off (`fail_and_requeue`): failed, marked,
+    with retries left, no retry, and failed more than `settle` seconds ago (the process that failed
+    one re-queues it within milliseconds, or never). Read again and re-queued under the study's
+    lock, so that two sweepers never both re-queue one; returns their numbers."""
+    now = time.time() if now is None else now
+    if not _cut_off(trials, settle, max_retries, now):
+        return []  # the usual case: no lock taken
+    storage = study._storage
+    with study_lock(storage, study.study_name):
+        refresh(storage)
+        todo = _cut_off(study.get_trials(deepcopy=False), settle, max_retries, now)
+        for trial in todo:
+            mark = trial.user_attrs[REQUEUE]
+            retry(study, trial, mark["reason"], max_retries if mark.get("charged", True) else sys.maxsize)
+    return [t.number for t in todo]
+
+
+def _cut_off(trials: list[FrozenTrial], settle: float, max_retries: int, now: float) -> list[FrozenTrial]:
+    retried = retried_numbers(trials)
+    return [t for t in trials if t.state == TrialState.FAIL and REQUEUE in t.user_attrs and t.number not in retried
+            and (not t.user_attrs[REQUEUE].get("charged", True) or len(t.user_attrs.get("hpo:attempts", [])) < max_retries)
+            and t.datetime_complete is not None and now - t.datetime_complete.timestamp() > settle]
 
 
 def orphans(trials: list[FrozenTrial], worker: str, held: list[int]) -> list[FrozenTrial]:
@@ -190,15 +242,8 @@ def requeue_orphans(study: optuna.Study, trials: list[FrozenTrial], worker: str,
     the worker asked again; returns their numbers. The worker knows that at once, where the others'
     sweeps wait for the grace period (`sweep`); it does so before it stops for a spent budget, so
     that the study still ends with its number of trials."""
-    storage, requeued = study._storage, []
-    for trial in orphans(trials, worker, held):
-        try:
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            continue  # another process failed it first
-        retry(study, storage.get_trial(trial._trial_id), f"worker {worker} lost the reply that created it", max_retries)
-        requeued.append(trial.number)
-    return requeued
+    return [trial.number for trial in orphans(trials, worker, held)
+            if fail_and_requeue(study, trial, f"worker {worker} lost the reply that created it", max_retries)]
 
 
 def _lost(trial: FrozenTrial, worker: str | None, record: dict[str, Any] | None, grace: float, now: float,

@@ -351,9 +351,9 @@ def hand_back(study: optuna.Study, trial: optuna.Trial, signal_name: str) -> Non
     """An interrupted trial is failed with its reason and re-queued with the same params."""
     reason = f"interrupted by {signal_name}; re-queued with the same params"
     trial.set_user_attr("hpo:fail_reason", reason)
-    study.tell(trial, state=TrialState.FAIL)
     # A pre-emption is not the trial's fault: it does not use up one of its retries.
-    heartbeat.retry(study, study._storage.get_trial(trial._trial_id), reason, max_retries=sys.maxsize)
+    if not heartbeat.fail_and_requeue(study, trial, reason, 0, charged=False):
+        raise UpdateFinishedTrialError(f"trial {trial.number} had already finished; not handed back")
 
 
 def _raise_on_sigterm():

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import yaml
@@ -48,9 +49,21 @@ def _wait_port(port: int, timeout: float = 20.0) -> bool:
     return False
 
 
+def _per_xdist_worker(url: str) -> str:
+    """Under pytest-xdist each worker process flushes its Redis database at start: give each its own
+    (gw0 the URL's, gw1 the one below, ...) so that one worker's flush never wipes another's study."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    offset = int(worker[2:]) if worker[2:].isdigit() else 0
+    parts = urlsplit(url)
+    db = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{(db - offset) % 16}"))
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = os.environ.get("HPO_TEST_REDIS_URL")
+    if url:
+        url = _per_xdist_worker(url)
     proc = None
     if not url:
         binary = shutil.which("redis-server")

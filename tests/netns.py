@@ -44,7 +44,9 @@ def namespaces(count: int) -> Iterator[list[Host]]:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         _missing("root and iproute2 (to create network namespaces)")
     tag = f"{os.getpid() % 10_000}{next(_COUNT)}"
-    subnet = 200 + os.getpid() % 50  # distinct per test process, so parallel runs do not collide
+    # Distinct per test process (and per pytest-xdist worker), so parallel runs do not collide.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")[2:]
+    subnet = 200 + int(worker) % 10 if worker.isdigit() else 210 + os.getpid() % 40
     made: list[str] = []
     links: list[str] = []
     hosts = []

@@ -18,6 +18,7 @@ from test_worker import created, write_study
 
 from hpo import coordinator, heartbeat
 from hpo.storage import open_storage
+from hpo.worker import hand_back
 
 pytestmark = pytest.mark.e2e
 
@@ -184,6 +185,50 @@ def test_a_worker_requeues_its_own_orphans_at_once(tmp_path: Path) -> None:
     retries = [t for t in trials if t.user_attrs.get(heartbeat.RETRY_OF) == orphan.number]
     assert len(retries) == 1 and retries[0].state == TrialState.WAITING
     assert len(coordinator.counted(trials)) == 2  # the retry takes the orphan's place when it starts
+
+
+@pytest.mark.parametrize("kind", ["file", "postgres"])
+def test_a_requeue_cut_off_by_an_outage_is_finished_by_the_next_sweep_once(
+        tmp_path: Path, kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The storage goes away after a lost trial's FAIL is written and before its retry is: the
+    # trial must not stay failed for good (it would take a place in the budget, and be lost).
+    url = str(tmp_path / "h.journal") if kind == "file" else request.getfixturevalue("postgres_url")
+    name = f"cut-{kind}-{tmp_path.name}"
+    created(write_study(tmp_path, name, {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=3, **LIVENESS), url)
+    study, _ = coordinator.open_study(url, name)
+    other, _ = coordinator.open_study(url, name)  # a second live process, sweeping too
+    lost, interrupted = study.ask(), study.ask()
+    for trial in (lost, interrupted):
+        trial.suggest_float("lr", 1e-3, 1e-1)
+        trial.set_user_attr("hpo:worker", "me")
+    real = optuna.Study.enqueue_trial
+
+    def outage(*args, **kwargs):
+        raise optuna.exceptions.StorageInternalError("connection lost")
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", outage)
+    with pytest.raises(optuna.exceptions.StorageInternalError):  # an orphan the worker found
+        heartbeat.requeue_orphans(study, study.get_trials(), "me", [interrupted.number], 2)
+    with pytest.raises(optuna.exceptions.StorageInternalError):  # a worker pre-empted, its hand-back cut off
+        hand_back(study, interrupted, "SIGTERM")
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", real)
+    trials = study.get_trials()
+    assert trials[lost.number].state == TrialState.FAIL and trials[interrupted.number].state == TrialState.FAIL
+    assert len(trials) == 2
+    # Within the settling time the process that failed them may still re-queue them: left alone.
+    assert heartbeat.requeue_cut_off(other, other.get_trials(), 3, 2) == []
+    soon = time.time() + 10
+    assert heartbeat.requeue_cut_off(other, other.get_trials(), 3, 2, now=soon) == [lost.number, interrupted.number]
+    heartbeat.sweep(study, 3, 2, now=soon)  # sees the retries: nothing more
+    assert heartbeat.requeue_cut_off(other, other.get_trials(), 3, 2, now=soon) == []
+    trials = study.get_trials()
+    retries = [t for t in trials if heartbeat.RETRY_OF in t.user_attrs]
+    assert sorted(t.user_attrs[heartbeat.RETRY_OF] for t in retries) == [lost.number, interrupted.number]
+    assert all(t.state == TrialState.WAITING for t in retries)
+    assert len(coordinator.counted(trials)) == 0  # both places free again, for their retries
+    # A pre-emption does not use up a retry: its retry carries the reason, not a charge.
+    by_origin = {t.user_attrs[heartbeat.RETRY_OF]: t for t in retries}
+    assert "SIGTERM" in by_origin[interrupted.number].user_attrs["hpo:attempts"][0]["reason"]
 
 
 def test_supervisor_restarts_a_crashed_worker_and_the_study_completes(tmp_path: Path) -> None:
