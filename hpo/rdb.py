@@ -9,7 +9,8 @@ Optuna's, and Optuna's CLI, dashboard and `RDBStorage` read what it writes. It k
 semantics: the trial must exist (`KeyError`) and be unfinished (`UpdateFinishedTrialError`); a
 duplicate parameter, report or attribute write that loses a race is ignored as Optuna ignores
 it; database errors become `StorageInternalError`; datetimes are stored as naive UTC and read
-as naive local time. Everything else (studies, heartbeats) is Optuna's.
+as naive local time. A heartbeat is one upsert of Optuna's row; everything else (studies, the
+stale-trial query) is Optuna's.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _VALUES = models.TrialValueModel.__table__
 _REPORTS = models.TrialIntermediateValueModel.__table__
 _USER_ATTRS = models.TrialUserAttributeModel.__table__
 _SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
+_HEARTBEATS = models.TrialHeartbeatModel.__table__
 # A pooled connection idle for longer than this is pinged before use (`ping_when_idle`).
 IDLE_PING_S = 1.0
 
@@ -162,9 +164,8 @@ class FastRDBStorage(RDBStorage):
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         value, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(intermediate_value)
-        with self._updating(trial_id, ignore_integrity_error=True) as (conn, _):
-            _upsert(conn, _REPORTS, {"trial_id": trial_id, "step": step},
-                         {"intermediate_value": value, "intermediate_value_type": kind})
+        self._upsert_unfinished(_REPORTS, trial_id, {"step": step},
+                                {"intermediate_value": value, "intermediate_value_type": kind})
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._set_attr(_USER_ATTRS, trial_id, key, value)
@@ -173,8 +174,24 @@ class FastRDBStorage(RDBStorage):
         self._set_attr(_SYSTEM_ATTRS, trial_id, key, value)
 
     def _set_attr(self, table: sqlalchemy.Table, trial_id: int, key: str, value: Any) -> None:
-        with self._updating(trial_id, ignore_integrity_error=True) as (conn, _):
-            _upsert(conn, table, {"trial_id": trial_id, "key": key}, {"value_json": json.dumps(value)})
+        self._upsert_unfinished(table, trial_id, {"key": key}, {"value_json": json.dumps(value)})
+
+    def _upsert_unfinished(self, table: sqlalchemy.Table, trial_id: int, key: dict[str, Any],
+                           values: dict[str, Any]) -> None:
+        """`_upsert` of a child row of a trial, made only while the trial is unfinished: Optuna's
+        check, which `_updating` makes with a statement of its own first, is the write's own
+        condition. A write that touched no row reads the trial to raise what Optuna raises; if it
+        is unfinished after all, the row already held these values (MySQL counts a row updated to
+        its own values as unchanged)."""
+        with self._transaction(ignore_integrity_error=True) as conn:
+            statement = _upsert_statement(conn, table, {"trial_id": trial_id, **key}, values, _TRIALS.c.trial_id == trial_id)
+            # SQLAlchemy keeps an INSERT's row count only when asked.
+            if conn.execute(statement, execution_options={"preserve_rowcount": True}).rowcount > 0:
+                return
+            row = conn.execute(sqlalchemy.select(_TRIALS.c.state).where(_TRIALS.c.trial_id == trial_id)).first()
+            if row is None:
+                raise KeyError(models.NOT_FOUND_MSG)
+            self.check_trial_is_updatable(trial_id, row.state)
 
     def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                          distribution: distributions.BaseDistribution,
@@ -205,6 +222,12 @@ class FastRDBStorage(RDBStorage):
         except sqlalchemy.exc.IntegrityError:
             return False
         return True
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        # Optuna's reads the row, then the server's clock, then writes it: one upsert here, dated
+        # by the server's clock as Optuna's stale-trial query expects.
+        with self._transaction() as conn:
+            _upsert(conn, _HEARTBEATS, {"trial_id": trial_id}, {"heartbeat": sqlalchemy.func.current_timestamp()})
 
     # Plumbing ------------------------------------------------------------------------------
 
@@ -263,6 +286,25 @@ def ping_when_idle(engine: sqlalchemy.Engine) -> None:
                 cursor.close()
         except Exception as err:
             raise sqlalchemy.exc.DisconnectionError(str(err)) from err
+
+
+_UNFINISHED = [TrialState.RUNNING, TrialState.WAITING]
+
+
+def _upsert_statement(conn: sqlalchemy.Connection, table: sqlalchemy.Table, key: dict[str, Any],
+                      values: dict[str, Any], trial: sqlalchemy.ColumnElement[bool]) -> sqlalchemy.Executable:
+    """An upsert of the row `key` + `values` (as `_upsert`), inserted from a select of the trial's
+    row that yields nothing unless `trial` matches an unfinished trial."""
+    columns = {**key, **values}
+    source = (sqlalchemy.select(*(sqlalchemy.literal(v, table.c[c].type).label(c) for c, v in columns.items()))
+              .select_from(_TRIALS).where(trial, _TRIALS.c.state.in_(_UNFINISHED)))
+    dialect = conn.dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        insert = (postgresql if dialect == "postgresql" else sqlite).insert(table).from_select(list(columns), source)
+        return insert.on_conflict_do_update(index_elements=list(key), set_=values)
+    if dialect in ("mysql", "mariadb"):
+        return mysql.insert(table).from_select(list(columns), source).on_duplicate_key_update(**values)
+    raise NotImplementedError(dialect)
 
 
 def _upsert(conn: sqlalchemy.Connection, table: sqlalchemy.Table, key: dict[str, Any],

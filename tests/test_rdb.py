@@ -12,11 +12,12 @@ from typing import Any
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from hpo.rdb import FastRDBStorage
+from hpo.rdb import _HEARTBEATS, FastRDBStorage
 from hpo.storage import _with_driver, open_storage
 
 
@@ -40,6 +41,7 @@ def script(storage: Any, study_id: int) -> list[int]:
     storage.set_trial_intermediate_value(first, 0, 0.5)  # overwritten
     storage.set_trial_user_attr(first, "metrics", {"loss": [1.0, 0.5]})
     storage.set_trial_user_attr(first, "metrics", {"loss": [0.25]})
+    storage.set_trial_user_attr(first, "metrics", {"loss": [0.25]})  # the same again: a write that changes nothing
     storage.set_trial_system_attr(first, "hpo:worker", "host:1")
     assert storage.set_trial_state_values(first, TrialState.COMPLETE, [2 / 3, math.inf])
 
@@ -119,6 +121,22 @@ def test_the_fast_path_raises_what_optuna_raises(db_url: str) -> None:
         fast.set_trial_intermediate_value(10**9, 0, 1.0)
     with pytest.raises(KeyError):
         fast.get_all_trials(10**9)
+
+
+def test_heartbeats_are_optunas_rows_dated_by_the_server(db_url: str) -> None:
+    fast = FastRDBStorage(db_url, heartbeat_interval=1, grace_period=2)
+    study_id = fast.create_new_study([optuna.study.StudyDirection.MINIMIZE], f"beat-{uuid.uuid4().hex[:6]}")
+    alive, stale = fast.create_new_trial(study_id), fast.create_new_trial(study_id)
+    fast.record_heartbeat(stale)
+    fast.record_heartbeat(alive)
+    time.sleep(3)  # past the grace period, with a second to spare: MySQL's DATETIME counts whole seconds
+    fast.record_heartbeat(alive)  # the row updated, not a second one
+    with fast.engine.connect() as conn:
+        beats = dict(conn.execute(sqlalchemy.select(_HEARTBEATS.c.trial_id, _HEARTBEATS.c.heartbeat)
+                                  .where(_HEARTBEATS.c.trial_id.in_([alive, stale]))).all())
+    assert set(beats) == {alive, stale} and beats[alive] > beats[stale]
+    # Optuna's own stale-trial query reads them: only the trial that stopped beating is stale.
+    assert RDBStorage(db_url, heartbeat_interval=1, grace_period=2)._get_stale_trial_ids(study_id) == [stale]
 
 
 def test_open_storage_gives_the_fast_path_for_databases(tmp_path: Path) -> None:
