@@ -62,7 +62,7 @@ class FastRDBStorage(RDBStorage):
     # Reads ---------------------------------------------------------------------------------
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
-        with self._transaction() as conn:
+        with self._transaction(single=True) as conn:
             trials = _read_trials(conn, _TRIALS.c.trial_id == trial_id)
         if not trials:
             raise KeyError(models.NOT_FOUND_MSG)
@@ -78,7 +78,7 @@ class FastRDBStorage(RDBStorage):
             where &= sqlalchemy.or_(_TRIALS.c.trial_id.in_(included), _TRIALS.c.trial_id > trial_id_greater_than)
         elif trial_id_greater_than > -1:
             where &= _TRIALS.c.trial_id > trial_id_greater_than
-        with self._transaction() as conn:
+        with self._transaction(single=True) as conn:
             trials = _read_trials(conn, where)
             if not trials and conn.execute(sqlalchemy.select(models.StudyModel.__table__.c.study_id).where(
                     models.StudyModel.__table__.c.study_id == study_id)).first() is None:
@@ -183,7 +183,7 @@ class FastRDBStorage(RDBStorage):
         condition. A write that touched no row reads the trial to raise what Optuna raises; if it
         is unfinished after all, the row already held these values (MySQL counts a row updated to
         its own values as unchanged)."""
-        with self._transaction(ignore_integrity_error=True) as conn:
+        with self._transaction(ignore_integrity_error=True, single=True) as conn:
             statement = _upsert_statement(conn, table, {"trial_id": trial_id, **key}, values, _TRIALS.c.trial_id == trial_id)
             # SQLAlchemy keeps an INSERT's row count only when asked.
             if conn.execute(statement, execution_options={"preserve_rowcount": True}).rowcount > 0:
@@ -226,14 +226,23 @@ class FastRDBStorage(RDBStorage):
     def record_heartbeat(self, trial_id: int) -> None:
         # Optuna's reads the row, then the server's clock, then writes it: one upsert here, dated
         # by the server's clock as Optuna's stale-trial query expects.
-        with self._transaction() as conn:
+        with self._transaction(single=True) as conn:
             _upsert(conn, _HEARTBEATS, {"trial_id": trial_id}, {"heartbeat": sqlalchemy.func.current_timestamp()})
 
     # Plumbing ------------------------------------------------------------------------------
 
     @contextmanager
-    def _transaction(self, ignore_integrity_error: bool = False) -> Iterator[sqlalchemy.Connection]:
+    def _transaction(self, ignore_integrity_error: bool = False, single: bool = False) -> Iterator[sqlalchemy.Connection]:
+        """A connection in a transaction, committed at the end of the block. `single`: the block
+        needs none, being one write, or reads that read committed gives a snapshot each anyway;
+        on PostgreSQL each of its statements then commits by itself, without the BEGIN and COMMIT
+        that psycopg sends as round trips of their own (a third of a report's)."""
         try:
+            if single and self.engine.dialect.name == "postgresql":
+                # psycopg's autocommit is a client-side switch, set and reset at no round trip.
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    yield conn
+                return
             with self.engine.begin() as conn:
                 yield conn
         except sqlalchemy.exc.IntegrityError:
@@ -284,6 +293,9 @@ def ping_when_idle(engine: sqlalchemy.Engine) -> None:
                 cursor.execute("SELECT 1")
             finally:
                 cursor.close()
+            # The ping began a transaction (outside autocommit): it must not hold the connection
+            # in one, which would also keep an autocommit switch from being made.
+            dbapi_connection.rollback()
         except Exception as err:
             raise sqlalchemy.exc.DisconnectionError(str(err)) from err
 
