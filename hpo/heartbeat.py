@@ -38,6 +38,9 @@ RETRY_OF = "hpo:retry_of"
 # retry uses up one of the trial's retries. A failed trial so marked that has no retry lost its
 # re-queue to an outage between the two writes; the next sweep re-queues it (`requeue_cut_off`).
 REQUEUE = "hpo:requeue"
+# Who wrote a `REQUEUE` mark: a process knows that a re-queue of its own that failed will not
+# come later, and may finish it at once (`requeue_cut_off(mine=True)`).
+_PROCESS = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def uses_optuna_heartbeat(storage: BaseStorage) -> bool:
@@ -195,7 +198,7 @@ def fail_and_requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, rea
     """
     storage = study._storage
     try:
-        storage.set_trial_user_attr(trial._trial_id, REQUEUE, {"reason": reason, "charged": charged})
+        storage.set_trial_user_attr(trial._trial_id, REQUEUE, {"reason": reason, "charged": charged, "by": _PROCESS})
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     except UpdateFinishedTrialError:
         return False  # another process failed it first (or it just finished): not ours to retry
@@ -203,28 +206,31 @@ def fail_and_requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, rea
     return True
 
 
-def requeue_cut_off(study: optuna.Study, trials: list[FrozenTrial], settle: float, max_retries: int,
-                    now: float | None = None) -> list[int]:
+def requeue_cut_off(study: optuna.Study, trials: list[FrozenTrial] | None, settle: float, max_retries: int,
+                    now: float | None = None, mine: bool = False) -> list[int]:
     """Re-queues the trials whose re-queue an outage cut off (`fail_and_requeue`): failed, marked,
     with retries left, no retry, and failed more than `settle` seconds ago (the process that failed
     one re-queues it within milliseconds, or never). Read again and re-queued under the study's
-    lock, so that two sweepers never both re-queue one; returns their numbers."""
+    lock, so that two sweepers never both re-queue one; returns their numbers. `mine`: only those
+    this process marked, at once (its own re-queue that failed will not come later), with
+    `trials` None (read fresh)."""
     now = time.time() if now is None else now
-    if not _cut_off(trials, settle, max_retries, now):
+    if trials is not None and not _cut_off(trials, settle, max_retries, now, mine):
         return []  # the usual case: no lock taken
     storage = study._storage
     with study_lock(storage, study.study_name):
         refresh(storage)
-        todo = _cut_off(study.get_trials(deepcopy=False), settle, max_retries, now)
+        todo = _cut_off(study.get_trials(deepcopy=False), settle, max_retries, now, mine)
         for trial in todo:
             mark = trial.user_attrs[REQUEUE]
             retry(study, trial, mark["reason"], max_retries if mark.get("charged", True) else sys.maxsize)
     return [t.number for t in todo]
 
 
-def _cut_off(trials: list[FrozenTrial], settle: float, max_retries: int, now: float) -> list[FrozenTrial]:
+def _cut_off(trials: list[FrozenTrial], settle: float, max_retries: int, now: float, mine: bool) -> list[FrozenTrial]:
     retried = retried_numbers(trials)
     return [t for t in trials if t.state == TrialState.FAIL and REQUEUE in t.user_attrs and t.number not in retried
+            and (not mine or t.user_attrs[REQUEUE].get("by") == _PROCESS)
             and (not t.user_attrs[REQUEUE].get("charged", True) or len(t.user_attrs.get("hpo:attempts", [])) < max_retries)
             and t.datetime_complete is not None and now - t.datetime_complete.timestamp() > settle]
 
@@ -242,8 +248,11 @@ def requeue_orphans(study: optuna.Study, trials: list[FrozenTrial], worker: str,
     the worker asked again; returns their numbers. The worker knows that at once, where the others'
     sweeps wait for the grace period (`sweep`); it does so before it stops for a spent budget, so
     that the study still ends with its number of trials."""
-    return [trial.number for trial in orphans(trials, worker, held)
-            if fail_and_requeue(study, trial, f"worker {worker} lost the reply that created it", max_retries)]
+    found = orphans(trials, worker, held)
+    requeued = [t.number for t in found if fail_and_requeue(study, t, f"worker {worker} lost the reply that created it", max_retries)]
+    if len(requeued) < len(found):  # failed meanwhile: by another, or by this call's attempt an outage cut off
+        requeued += requeue_cut_off(study, None, 0, max_retries, mine=True)
+    return requeued
 
 
 def _lost(trial: FrozenTrial, worker: str | None, record: dict[str, Any] | None, grace: float, now: float,

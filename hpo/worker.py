@@ -350,10 +350,15 @@ def _retry_smaller(study: optuna.Study, trial: optuna.Trial, config, reason: str
 def hand_back(study: optuna.Study, trial: optuna.Trial, signal_name: str) -> None:
     """An interrupted trial is failed with its reason and re-queued with the same params."""
     reason = f"interrupted by {signal_name}; re-queued with the same params"
-    trial.set_user_attr("hpo:fail_reason", reason)
-    # A pre-emption is not the trial's fault: it does not use up one of its retries.
-    if not heartbeat.fail_and_requeue(study, trial, reason, 0, charged=False):
-        raise UpdateFinishedTrialError(f"trial {trial.number} had already finished; not handed back")
+    try:
+        trial.set_user_attr("hpo:fail_reason", reason)
+        # A pre-emption is not the trial's fault: it does not use up one of its retries.
+        if not heartbeat.fail_and_requeue(study, trial, reason, 0, charged=False):
+            raise UpdateFinishedTrialError(f"trial {trial.number} had already finished; not handed back")
+    except UpdateFinishedTrialError:
+        # A first attempt that an outage cut off after the fail (`persist` calls again) is finished here.
+        heartbeat.requeue_cut_off(study, None, 0, 0, mine=True)
+        raise
 
 
 def _raise_on_sigterm():

@@ -217,8 +217,12 @@ def test_a_requeue_cut_off_by_an_outage_is_finished_by_the_next_sweep_once(
     assert len(trials) == 2
     # Within the settling time the process that failed them may still re-queue them: left alone.
     assert heartbeat.requeue_cut_off(other, other.get_trials(), 3, 2) == []
+    # The process that failed one knows its own re-queue will not come: the hand-back, called
+    # again (as `persist` does), finds the trial failed and finishes its re-queue at once.
+    with pytest.raises(UpdateFinishedTrialError):
+        hand_back(study, interrupted, "SIGTERM")
     soon = time.time() + 10
-    assert heartbeat.requeue_cut_off(other, other.get_trials(), 3, 2, now=soon) == [lost.number, interrupted.number]
+    assert heartbeat.requeue_cut_off(other, other.get_trials(), 3, 2, now=soon) == [lost.number]
     heartbeat.sweep(study, 3, 2, now=soon)  # sees the retries: nothing more
     assert heartbeat.requeue_cut_off(other, other.get_trials(), 3, 2, now=soon) == []
     trials = study.get_trials()
@@ -362,7 +366,8 @@ def test_workers_ride_out_a_redis_restart_and_lose_nothing(tmp_path: Path) -> No
         trials = study.get_trials()
         assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
         assert len(coordinator.counted(trials)) == 4
-        assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in coordinator.counted(trials))
+        assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in coordinator.counted(trials)), \
+        [(t.number, t.state.name, t.user_attrs) for t in trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED)]
     finally:
         server.kill()
         server.wait()
@@ -401,4 +406,5 @@ def test_workers_ride_out_postgresql_dropping_their_connections(tmp_path: Path, 
     leftover = [t for t in trials if t.state == TrialState.WAITING]
     assert all("lost the reply" in t.user_attrs["hpo:attempts"][-1]["reason"] for t in leftover) and len(leftover) <= 1
     assert len(coordinator.counted(trials)) == 12
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in coordinator.counted(trials))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in coordinator.counted(trials)), \
+        [(t.number, t.state.name, t.user_attrs) for t in trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED)]
