@@ -202,8 +202,13 @@ def fail_and_requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, rea
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     except UpdateFinishedTrialError:
         return False  # another process failed it first (or it just finished): not ours to retry
-    retry(study, storage.get_trial(trial._trial_id), reason, max_retries if charged else sys.maxsize)
+    retry(study, storage.get_trial(trial._trial_id), reason, _limit(charged, max_retries))
     return True
+
+
+def _limit(charged: bool, max_retries: int) -> int:
+    # A retry that is not charged (a pre-emption) is always made.
+    return max_retries if charged else sys.maxsize
 
 
 def requeue_cut_off(study: optuna.Study, trials: list[FrozenTrial] | None, settle: float, max_retries: int,
@@ -223,7 +228,7 @@ def requeue_cut_off(study: optuna.Study, trials: list[FrozenTrial] | None, settl
         todo = _cut_off(study.get_trials(deepcopy=False), settle, max_retries, now, mine)
         for trial in todo:
             mark = trial.user_attrs[REQUEUE]
-            retry(study, trial, mark["reason"], max_retries if mark.get("charged", True) else sys.maxsize)
+            retry(study, trial, mark["reason"], _limit(mark.get("charged", True), max_retries))
     return [t.number for t in todo]
 
 
@@ -231,7 +236,7 @@ def _cut_off(trials: list[FrozenTrial], settle: float, max_retries: int, now: fl
     retried = retried_numbers(trials)
     return [t for t in trials if t.state == TrialState.FAIL and REQUEUE in t.user_attrs and t.number not in retried
             and (not mine or t.user_attrs[REQUEUE].get("by") == _PROCESS)
-            and (not t.user_attrs[REQUEUE].get("charged", True) or len(t.user_attrs.get("hpo:attempts", [])) < max_retries)
+            and len(t.user_attrs.get("hpo:attempts", [])) < _limit(t.user_attrs[REQUEUE].get("charged", True), max_retries)
             and t.datetime_complete is not None and now - t.datetime_complete.timestamp() > settle]
 
 

@@ -70,10 +70,9 @@ class SnapshotPruner(optuna.pruners.BasePruner):
     def _take(self, study: optuna.Study, trial_id: int) -> None:
         prefetched, self._prefetched = self._prefetched, None
         # Waits for the read; one that failed, or is too old by now (a long first epoch), is read again.
-        if (prefetched is not None and prefetched[0] == trial_id and trial_id not in self._seen
-                and prefetched[1].exception() is None
-                and time.monotonic() - prefetched[1].result()[0] <= self.max_age_s):
-            self._taken, self._trials = prefetched[1].result()
+        read = prefetched[1] if prefetched is not None and prefetched[0] == trial_id and trial_id not in self._seen else None
+        if read is not None and read.exception() is None and time.monotonic() - read.result()[0] <= self.max_age_s:
+            self._taken, self._trials = read.result()
         else:
             self._taken, self._trials = time.monotonic(), study.get_trials(deepcopy=False)
         self._completed = [t for t in self._trials if t.state == TrialState.COMPLETE]

@@ -184,7 +184,7 @@ class FastRDBStorage(RDBStorage):
         is unfinished after all, the row already held these values (MySQL counts a row updated to
         its own values as unchanged)."""
         with self._transaction(ignore_integrity_error=True, single=True) as conn:
-            statement = _upsert_statement(conn, table, {"trial_id": trial_id, **key}, values, _TRIALS.c.trial_id == trial_id)
+            statement = _upsert(table, {"trial_id": trial_id, **key}, values, conn.dialect.name, unfinished=trial_id)
             # SQLAlchemy keeps an INSERT's row count only when asked.
             if conn.execute(statement, execution_options={"preserve_rowcount": True}).rowcount > 0:
                 return
@@ -208,8 +208,8 @@ class FastRDBStorage(RDBStorage):
                 if values is not None:
                     for objective, v in enumerate(values):
                         value, kind = models.TrialValueModel.value_to_stored_repr(v)
-                        _upsert(conn, _VALUES, {"trial_id": trial_id, "objective": objective},
-                                     {"value": value, "value_type": kind})
+                        conn.execute(_upsert(_VALUES, {"trial_id": trial_id, "objective": objective},
+                                             {"value": value, "value_type": kind}, conn.dialect.name))
                 if state == TrialState.RUNNING and trial.state != TrialState.WAITING:
                     return False  # as Optuna: the values above are still committed
                 change: dict[str, Any] = {"state": state}
@@ -227,7 +227,8 @@ class FastRDBStorage(RDBStorage):
         # Optuna's reads the row, then the server's clock, then writes it: one upsert here, dated
         # by the server's clock as Optuna's stale-trial query expects.
         with self._transaction(single=True) as conn:
-            _upsert(conn, _HEARTBEATS, {"trial_id": trial_id}, {"heartbeat": sqlalchemy.func.current_timestamp()})
+            conn.execute(_upsert(_HEARTBEATS, {"trial_id": trial_id}, {"heartbeat": sqlalchemy.func.current_timestamp()},
+                                 conn.dialect.name))
 
     # Plumbing ------------------------------------------------------------------------------
 
@@ -301,39 +302,26 @@ def ping_when_idle(engine: sqlalchemy.Engine) -> None:
 
 
 _UNFINISHED = [TrialState.RUNNING, TrialState.WAITING]
+# The dialects that reach this module (`hpo.storage` opens only these), each with its upsert.
+_INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert, "mariadb": mysql.insert}
 
 
-def _upsert_statement(conn: sqlalchemy.Connection, table: sqlalchemy.Table, key: dict[str, Any],
-                      values: dict[str, Any], trial: sqlalchemy.ColumnElement[bool]) -> sqlalchemy.Executable:
-    """An upsert of the row `key` + `values` (as `_upsert`), inserted from a select of the trial's
-    row that yields nothing unless `trial` matches an unfinished trial."""
-    columns = {**key, **values}
-    source = (sqlalchemy.select(*(sqlalchemy.literal(v, table.c[c].type).label(c) for c, v in columns.items()))
-              .select_from(_TRIALS).where(trial, _TRIALS.c.state.in_(_UNFINISHED)))
-    dialect = conn.dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        insert = (postgresql if dialect == "postgresql" else sqlite).insert(table).from_select(list(columns), source)
-        return insert.on_conflict_do_update(index_elements=list(key), set_=values)
-    if dialect in ("mysql", "mariadb"):
-        return mysql.insert(table).from_select(list(columns), source).on_duplicate_key_update(**values)
-    raise NotImplementedError(dialect)
-
-
-def _upsert(conn: sqlalchemy.Connection, table: sqlalchemy.Table, key: dict[str, Any],
-            values: dict[str, Any]) -> None:
+def _upsert(table: sqlalchemy.Table, key: dict[str, Any], values: dict[str, Any], dialect: str,
+            unfinished: int | None = None) -> sqlalchemy.Executable:
     """Inserts the row `key` + `values`, or updates `values` where a row with `key` exists (each
-    of Optuna's child tables has a unique constraint on its key)."""
-    dialect = conn.dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        insert = (postgresql if dialect == "postgresql" else sqlite).insert(table).values(**key, **values)
-        conn.execute(insert.on_conflict_do_update(index_elements=list(key), set_=values))
-    elif dialect in ("mysql", "mariadb"):
-        insert = mysql.insert(table).values(**key, **values)
-        conn.execute(insert.on_duplicate_key_update(**values))
-    else:  # no upsert statement: update, else insert
-        where = sqlalchemy.and_(*(table.c[k] == v for k, v in key.items()))
-        if conn.execute(table.update().where(where).values(**values)).rowcount == 0:
-            conn.execute(table.insert().values(**key, **values))
+    of Optuna's child tables has a unique constraint on its key). With `unfinished` (a trial id),
+    the row comes from a select of that trial's row, which yields nothing unless it is unfinished."""
+    columns = {**key, **values}
+    insert = _INSERTS[dialect](table)
+    if unfinished is None:
+        insert = insert.values(**columns)
+    else:
+        insert = insert.from_select(list(columns), sqlalchemy.select(
+            *(sqlalchemy.literal(v, table.c[c].type).label(c) for c, v in columns.items())
+        ).select_from(_TRIALS).where(_TRIALS.c.trial_id == unfinished, _TRIALS.c.state.in_(_UNFINISHED)))
+    if dialect in ("mysql", "mariadb"):
+        return insert.on_duplicate_key_update(**values)
+    return insert.on_conflict_do_update(index_elements=list(key), set_=values)
 
 
 def _read_trials(conn: sqlalchemy.Connection, where: sqlalchemy.ColumnElement[bool]) -> list[FrozenTrial]:

@@ -353,12 +353,14 @@ def hand_back(study: optuna.Study, trial: optuna.Trial, signal_name: str) -> Non
     try:
         trial.set_user_attr("hpo:fail_reason", reason)
         # A pre-emption is not the trial's fault: it does not use up one of its retries.
-        if not heartbeat.fail_and_requeue(study, trial, reason, 0, charged=False):
-            raise UpdateFinishedTrialError(f"trial {trial.number} had already finished; not handed back")
+        handed = heartbeat.fail_and_requeue(study, trial, reason, 0, charged=False)
     except UpdateFinishedTrialError:
-        # A first attempt that an outage cut off after the fail (`persist` calls again) is finished here.
+        handed = False
+    if not handed:
+        # It had finished, or this call's first attempt failed it before an outage cut it off
+        # (`persist` calls again): that re-queue is finished here.
         heartbeat.requeue_cut_off(study, None, 0, 0, mine=True)
-        raise
+        raise UpdateFinishedTrialError(f"trial {trial.number} had already finished; not handed back")
 
 
 def _raise_on_sigterm():
