@@ -1,7 +1,8 @@
 """Per-epoch cost of `trainers` against a hand-written loop, PyTorch Lightning and PyTorch Ignite.
 
 Same MLP (64-128-128-10, ReLU) on scikit-learn's digits (1,347 train / 450 val), batch 64, Adam
-1e-3, seed 0, one CPU thread. Each framework runs in its own subprocess (one process tree, the
+1e-3 with torch's fused kernel in every loop (what `trainers` builds by default; `plain-unfused` is
+the hand-written loop with torch.optim's default implementation), seed 0, one CPU thread. Each framework runs in its own subprocess (one process tree, the
 frameworks interleaved round by round so that machine noise hits them alike); in each, after a
 warm-up fit, fits of `--short` and `--long` epochs are timed `--repeat` times, alternately, and the
 marginal cost per epoch is (fastest t_long - fastest t_short) / (long - short): imports, model build
@@ -88,13 +89,20 @@ def synchronized(start: float) -> float:
     return time.perf_counter() - start
 
 
-def run_plain(epochs: int, data, workdir: str) -> float:
+def adam(parameters, fused: bool = True):
+    """Every loop's optimizer: torch's fused Adam, as `trainers` builds it unless told otherwise."""
+    import torch
+
+    return torch.optim.Adam(parameters, lr=LR, fused=fused or None)
+
+
+def run_plain(epochs: int, data, workdir: str, fused: bool = True) -> float:
     import torch
     import torch.nn.functional as F
 
     x, y, xv, yv = data
     model = mlp()
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    optimizer = adam(model.parameters(), fused)
     generator = torch.Generator().manual_seed(SEED)
     start = time.perf_counter()
     for _ in range(epochs):
@@ -161,7 +169,7 @@ def run_lightning(epochs: int, data, workdir: str) -> float:
             self.log("val_accuracy", (logits.argmax(1) == batch[1]).float().mean())
 
         def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=LR)
+            return adam(self.parameters())
 
     L.seed_everything(SEED, verbose=False)
     train = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
@@ -185,7 +193,7 @@ def run_ignite(epochs: int, data, workdir: str) -> float:
     x, y, xv, yv = data
     torch.manual_seed(SEED)
     model = mlp()
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    optimizer = adam(model.parameters())
     # Ignite's documented hook for a custom forward: the same autocast as the other loops.
     def forward(model, x):
         with autocast():
@@ -210,7 +218,11 @@ def run_trainers_no_checkpoint(epochs: int, data, workdir: str) -> float:
     return run_trainers(epochs, data, workdir, checkpoint=False)
 
 
-RUNNERS = {"plain": run_plain, "trainers": run_trainers, "trainers-ckpt5": run_trainers_ckpt5,
+def run_plain_unfused(epochs: int, data, workdir: str) -> float:
+    return run_plain(epochs, data, workdir, fused=False)
+
+
+RUNNERS = {"plain": run_plain, "plain-unfused": run_plain_unfused, "trainers": run_trainers, "trainers-ckpt5": run_trainers_ckpt5,
            "trainers-no-ckpt": run_trainers_no_checkpoint, "lightning": run_lightning, "ignite": run_ignite}
 
 

@@ -342,3 +342,21 @@ def test_numpy_rng_state_is_saved_as_it_is_after_each_kind_of_draw() -> None:
     for step in steps:
         step()
         assert captured() == actual()
+
+
+def test_a_checkpoint_of_another_optimizer_implementation_resumes_with_this_run_s(tmp_path: Path) -> None:
+    # Written by a foreach AdamW (as an older run, or one on another device, may have), resumed
+    # where fit chooses the fused kernel: the state carries over, the implementation is this run's.
+    straight = trainers.fit(make_model(0), make_data(), config(tmp_path / "straight"))
+    written = config(tmp_path / "resumed", optimizer={"name": "adamw", "foreach": True})
+    with pytest.raises(Crash):
+        trainers.fit(make_model(0), make_data(), written, [CrashAt(3)])
+    assert checkpoint.load(tmp_path / "resumed" / "last.pt")["optimizer"]["param_groups"][0]["foreach"] is True
+    resumed = trainers.fit(make_model(1), make_data(), config(tmp_path / "resumed"))
+    group = resumed.optimizer.param_groups[0]
+    assert resumed.resumed and group["fused"] is True and not group["foreach"]
+    assert all(s["step"].dtype == torch.float32 and s["step"].device == p.device
+               for p, s in resumed.optimizer.state.items())
+    assert len(resumed.history) == len(straight.history)
+    for a, b in zip(resumed.history, straight.history):
+        assert all(abs(a[k] - b[k]) <= 1e-4 + 1e-4 * abs(b[k]) for k in a)

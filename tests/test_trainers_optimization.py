@@ -196,3 +196,28 @@ def test_a_trial_s_gradient_clip_value_overrides_the_config_s() -> None:
     assert by_trial.history == by_config.history != loose.history
     with pytest.raises(ValueError, match="gradient_clip_val must be positive"):
         trainers.fit(make_model(), make_data(), config, hparams={"gradient_clip_val": 0})
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "adagrad", "rmsprop"])
+def test_an_optimizer_with_a_fused_kernel_uses_it_unless_the_spec_chooses(name: str) -> None:
+    params = list(make_model().parameters())
+    chosen = trainers.build_optimizer(params, {"name": name}).param_groups[0]
+    assert chosen.get("fused") is (True if name != "rmsprop" else None)  # RMSprop has no fused kernel
+    as_asked = trainers.build_optimizer(params, {"name": name, "foreach": True}).param_groups[0]
+    assert as_asked["foreach"] is True and not as_asked.get("fused")
+    groups = trainers.build_optimizer([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}], {"name": name})
+    assert all(g.get("fused") is chosen.get("fused") for g in groups.param_groups)
+    # A parameter on a device the kernel does not run on: torch's default, where torch itself
+    # would accept fused=True and fail only at the first step.
+    meta = [torch.zeros(3, device="meta", requires_grad=True)]
+    assert not trainers.build_optimizer(meta, {"name": name}).param_groups[0].get("fused")
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "adagrad"])
+def test_a_fused_run_follows_the_unfused_run_within_float_rounding(name: str) -> None:
+    config = trainers.TrainerConfig(epochs=3, batch_size=32, seed=0, device="cpu", lr=0.01)
+    runs = [trainers.fit(make_model(), make_data(), config, hparams={"optimizer": {"name": name, **extra}})
+            for extra in ({}, {"fused": False})]
+    assert runs[0].optimizer.param_groups[0]["fused"] and not runs[1].optimizer.param_groups[0]["fused"]
+    for a, b in zip(runs[0].history, runs[1].history):
+        assert a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6) for k in a)

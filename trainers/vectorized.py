@@ -55,12 +55,13 @@ from trainers.stacked_optim import StackedOptimizer, StackedScaler, per_slot, st
 
 STACKED_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 # Options each stacked optimizer takes per slot (torch.optim's names; beta1/beta2 as in build_optimizer).
+# `fused` and `foreach` choose torch's implementation of the same update: the stacked one has its own.
 OPTIMIZER_OPTIONS = {
-    "sgd": {"lr", "weight_decay", "momentum", "nesterov", "dampening"},
-    "adam": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps"},
-    "adamw": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps"},
-    "rmsprop": {"lr", "weight_decay", "alpha", "eps", "momentum", "centered"},
-    "adagrad": {"lr", "weight_decay", "lr_decay", "eps", "initial_accumulator_value"},
+    "sgd": {"lr", "weight_decay", "momentum", "nesterov", "dampening", "fused", "foreach"},
+    "adam": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps", "fused", "foreach"},
+    "adamw": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps", "fused", "foreach"},
+    "rmsprop": {"lr", "weight_decay", "alpha", "eps", "momentum", "centered", "foreach"},
+    "adagrad": {"lr", "weight_decay", "lr_decay", "eps", "initial_accumulator_value", "fused", "foreach"},
 }
 # Parameter-free element-wise modules: applied to a [K, B, ...] tensor they act on each slot alone.
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
