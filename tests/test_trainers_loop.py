@@ -158,6 +158,27 @@ def test_macro_f1_ignores_classes_never_seen_nor_predicted() -> None:
     assert value == pytest.approx(f1_score(y, predicted, average="macro"))
 
 
+def test_cross_entropy_rows_is_torch_s_cross_entropy_per_row_in_float32() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(3, 40, 7, generator=g) * 5, torch.randint(0, 7, (3, 40), generator=g)
+    expected = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(3, 40)
+    assert torch.allclose(metrics.cross_entropy_rows(logits, y), expected, rtol=1e-6, atol=1e-5)
+    low = metrics.cross_entropy_rows(logits.bfloat16(), y)
+    in_float = F.cross_entropy(logits.bfloat16().float().flatten(0, 1), y.flatten(), reduction="none").view(3, 40)
+    assert low.dtype == torch.float32 and torch.allclose(low, in_float, rtol=1e-6, atol=1e-5)
+
+
+def test_top_k_counts_the_target_when_fewer_than_k_logits_exceed_it() -> None:
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0], [5.0, 4.0, 3.0, 2.0]])
+    y = torch.tensor([2, 0, 3])
+    assert metrics.in_top_k(logits, y, 2).tolist() == [False, False, False]
+    assert metrics.in_top_k(logits, y, 3).tolist() == [True, False, False]
+    assert metrics.in_top_k(logits, y, 4).tolist() == [True, True, True]
+    assert metrics.in_top_k(logits, y, 10).tolist() == [True, True, True]  # k above the class count
+    tie = torch.tensor([[1.0, 1.0, 1.0]])  # topk would keep an arbitrary two of the three
+    assert metrics.in_top_k(tie, torch.tensor([2]), 2).tolist() == [True]
+
+
 @pytest.mark.parametrize("per_slot_targets", [False, True])
 def test_stacked_metrics_equal_each_models_own(per_slot_targets: bool) -> None:
     g = torch.Generator().manual_seed(0)

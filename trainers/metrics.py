@@ -18,15 +18,21 @@ import torch.nn.functional as F
 
 def classification_sums(logits: torch.Tensor, y: torch.Tensor, top_k: int = 5) -> dict[str, torch.Tensor]:
     """Loss, accuracy, top-k accuracy (k capped at the class count) and the confusion counts."""
-    k = min(top_k, logits.shape[-1])
     predicted = logits.argmax(dim=-1)
-    in_top_k = (logits.topk(k, dim=-1).indices == y.unsqueeze(-1)).any(dim=-1)
     return {
         "loss": F.cross_entropy(logits.float(), y, reduction="sum"),
         "accuracy": (predicted == y).sum(),
-        f"top{top_k}_accuracy": in_top_k.sum(),
+        f"top{top_k}_accuracy": in_top_k(logits, y, top_k).sum(),
         "confusion": confusion(predicted, y, logits.shape[-1]),
     }
+
+
+def in_top_k(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """Whether each row's target is among its k largest logits (k capped at the class count): fewer
+    than k logits exceed the target's, so a tie counts in the target's favour where `topk` would
+    pick arbitrarily. Two passes where `topk` sorts: 95 us against 759 for 8 slots x 450 rows x 10
+    classes on a CPU, 22 against 39 for one model."""
+    return (logits > logits.gather(-1, y.unsqueeze(-1))).sum(-1) < min(k, logits.shape[-1])
 
 
 def confusion(predicted: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -55,22 +61,30 @@ def regression_sums(prediction: torch.Tensor, y: torch.Tensor) -> dict[str, torc
     return {"loss": squared.sum(), "mse": squared.sum(), "mae": absolute.sum()}
 
 
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`F.cross_entropy(..., reduction="none")` over the last dimension of logits [..., C] in
+    float32, as logsumexp minus the target's logit (equal within 5e-7). For the many rows of a
+    stacked group it is the faster: torch's CPU log_softmax over a few classes runs row by row
+    (8 slots x 64 rows x 10 classes: 124 us forward and backward against 208; 450 rows forward: 58
+    against 92), while for one model's 64 rows F.cross_entropy is (53 against 92)."""
+    logits = logits.float()
+    return logits.logsumexp(-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def stacked_classification_sums(logits: torch.Tensor, y: torch.Tensor, top_k: int = 5) -> dict[str, torch.Tensor]:
     """`classification_sums` for K models at once: logits [K, B, C], targets [B] (shared) or
     [K, B]; each sum is [K] (the confusion counts [K, C*C]). A dozen ops for the whole group,
     not a dozen per model: on a GPU each op is a launch that costs more than its work."""
     slots, n_classes = logits.shape[0], logits.shape[-1]
     y = y.expand(slots, *y.shape) if y.dim() == 1 else y
-    k = min(top_k, n_classes)
     predicted = logits.argmax(dim=-1)
-    in_top_k = (logits.topk(k, dim=-1).indices == y.unsqueeze(-1)).any(dim=-1)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(slots, -1).sum(1)
+    loss = cross_entropy_rows(logits, y).sum(1)
     offsets = torch.arange(slots, device=y.device).unsqueeze(1) * n_classes * n_classes
     counts = torch.bincount((offsets + y * n_classes + predicted).flatten(), minlength=slots * n_classes * n_classes)
     return {
         "loss": loss,
         "accuracy": (predicted == y).sum(1),
-        f"top{top_k}_accuracy": in_top_k.sum(1),
+        f"top{top_k}_accuracy": in_top_k(logits, y, top_k).sum(1),
         "confusion": counts.view(slots, n_classes * n_classes),
     }
 
