@@ -140,7 +140,10 @@ def main() -> None:
                     order = [("solo", None), ("vec", args.width)][:: 1 if r % 2 == 0 else -1]
                     for mode, width in order:
                         runs[mode].append(run(space, args.trials, args.epochs, width, args.target, tmp, r, model))
-                rows.append((f"{model} {space}", median_run(runs["solo"]), median_run(runs["vec"])))
+                # Each round's ratio, solo and population side by side: drifts of the machine's speed
+                # that outlast a round cancel out here, not in the medians of each side apart.
+                paired = [v["per_hour"] / s["per_hour"] for s, v in zip(runs["solo"], runs["vec"])]
+                rows.append((f"{model} {space}", median_run(runs["solo"]), median_run(runs["vec"]), paired))
     where = "CPU, 1 thread" if args.device == "cpu" else f"{torch.cuda.get_device_name(args.device)}, {args.precision}"
     print(f"digits {'/'.join(args.model)}, {args.trials} trials x {args.epochs} epochs, {where}, TPE seed 0, "
           f"median pruner, median of {args.rounds} rounds, lookahead {args.lookahead}\n")
@@ -151,7 +154,7 @@ def main() -> None:
     def fmt(v):
         return "never" if v is None else f"{v:.1f}"
 
-    for space, solo, vec in rows:
+    for space, solo, vec, _ in rows:
         ratio = vec["per_hour"] / solo["per_hour"]
         epochs_ratio = vec["epochs_per_s"] / solo["epochs_per_s"]
         print(f"| {space} | solo | {solo['seconds']:.1f} | {solo['per_hour']:.0f} | 1.00 | {solo['epochs_per_s']:.0f} | 1.00 | "
@@ -159,6 +162,11 @@ def main() -> None:
         print(f"| {space} | population (width {vec['width']}) | {vec['seconds']:.1f} | {vec['per_hour']:.0f} | {ratio:.2f} | "
               f"{vec['epochs_per_s']:.0f} | {epochs_ratio:.2f} | {vec['best']:.4f} | {fmt(vec['to_target'])} | "
               f"{vec['pruned']} | {vec['group']:.1f} |")
+
+    print()
+    for space, _, _, paired in rows:
+        print(f"{space}: trials/hour ratio of each round {', '.join(f'{r:.2f}' for r in paired)}; "
+              f"median {statistics.median(paired):.2f}")
 
 
 if __name__ == "__main__":
