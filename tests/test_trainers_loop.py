@@ -168,15 +168,22 @@ def test_cross_entropy_rows_is_torch_s_cross_entropy_per_row_in_float32() -> Non
     assert low.dtype == torch.float32 and torch.allclose(low, in_float, rtol=1e-6, atol=1e-5)
 
 
-def test_top_k_counts_the_target_when_fewer_than_k_logits_exceed_it() -> None:
-    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0], [5.0, 4.0, 3.0, 2.0]])
-    y = torch.tensor([2, 0, 3])
+def test_top_k_breaks_ties_to_the_lower_index_as_argmax_and_ranks_nan_first() -> None:
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [5.0, 4.0, 3.0, 2.0]])
+    y = torch.tensor([2, 2, 3])
     assert metrics.in_top_k(logits, y, 2).tolist() == [False, False, False]
-    assert metrics.in_top_k(logits, y, 3).tolist() == [True, False, False]
-    assert metrics.in_top_k(logits, y, 4).tolist() == [True, True, True]
+    assert metrics.in_top_k(logits, y, 3).tolist() == [True, True, False]  # the tie: index 2 is third
     assert metrics.in_top_k(logits, y, 10).tolist() == [True, True, True]  # k above the class count
-    tie = torch.tensor([[1.0, 1.0, 1.0]])  # topk would keep an arbitrary two of the three
-    assert metrics.in_top_k(tie, torch.tensor([2]), 2).tolist() == [True]
+    # Top-1 is accuracy, ties broken as argmax breaks them: constant logits are not a hit everywhere.
+    g = torch.Generator().manual_seed(0)
+    rounded = torch.randint(0, 3, (200, 5), generator=g).float()
+    target = torch.randint(0, 5, (200,), generator=g)
+    assert torch.equal(metrics.in_top_k(rounded, target, 1), rounded.argmax(-1) == target)
+    constant = torch.zeros(5, 5)  # a dead model: as many hits as k of the 5 classes, not all
+    assert metrics.in_top_k(constant, torch.arange(5), 2).tolist() == [True, True, False, False, False]
+    nan = torch.tensor([[float("nan"), 1.0, 2.0], [float("nan")] * 3])
+    assert metrics.in_top_k(nan, torch.tensor([2, 0]), 1).tolist() == [False, False]
+    assert metrics.in_top_k(nan, torch.tensor([2, 0]), 2).tolist() == [True, False]
 
 
 @pytest.mark.parametrize("per_slot_targets", [False, True])

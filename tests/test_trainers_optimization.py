@@ -207,6 +207,10 @@ def test_an_optimizer_with_a_fused_kernel_uses_it_unless_the_spec_chooses(name: 
     assert as_asked["foreach"] is True and not as_asked.get("fused")
     groups = trainers.build_optimizer([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}], {"name": name})
     assert all(g.get("fused") is chosen.get("fused") for g in groups.param_groups)
+    named = trainers.build_optimizer(list(make_model().named_parameters()), {"name": name})  # as torch takes them too
+    assert named.param_groups[0].get("fused") is chosen.get("fused")
+    a_group_chooses = trainers.build_optimizer([{"params": params[:2]}, {"params": params[2:], "foreach": True}], {"name": name})
+    assert not any(g.get("fused") for g in a_group_chooses.param_groups)
     # A parameter on a device the kernel does not run on: torch's default, where torch itself
     # would accept fused=True and fail only at the first step.
     meta = [torch.zeros(3, device="meta", requires_grad=True)]
@@ -221,3 +225,15 @@ def test_a_fused_run_follows_the_unfused_run_within_float_rounding(name: str) ->
     assert runs[0].optimizer.param_groups[0]["fused"] and not runs[1].optimizer.param_groups[0]["fused"]
     for a, b in zip(runs[0].history, runs[1].history):
         assert a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad"])
+def test_a_model_with_sparse_gradients_trains_on_torch_s_default_implementation(name: str) -> None:
+    # The fused kernels refuse sparse gradients (an embedding with sparse=True) at the first step.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 8, (96,), generator=g)
+    data = trainers.Data((x, x % 3), (x[:32], x[:32] % 3))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(8, 4, sparse=True), nn.Linear(4, 3))
+    state = trainers.fit(model, data, trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu", optimizer=name, lr=0.1))
+    assert not state.optimizer.param_groups[0].get("fused") and len(state.history) == 2

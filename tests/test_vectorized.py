@@ -407,6 +407,34 @@ def test_shared_data_order_is_one_order_for_every_slot() -> None:
         assert trainer.slots[i].history[-1]["val_loss"] == pytest.approx(state.metrics["val_loss"], rel=1e-4)
 
 
+def test_a_plan_may_begin_with_an_in_place_activation_or_dropout_on_the_shared_batch() -> None:
+    # The shared batch reaches every slot as one expanded view: nothing may write into it, and with
+    # activations that differ per slot each one must read the same input.
+    data = toy_data()
+    x_before = data.train[0].clone()
+    config = trainers.TrainerConfig(epochs=3, batch_size=32, device="cpu", shuffle=False)
+
+    def starting_with(first: nn.Module, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(first, nn.Linear(12, 16), nn.ReLU(inplace=True), nn.Linear(16, 4))
+
+    firsts = [nn.ReLU(inplace=True), nn.Tanh(), nn.ReLU(inplace=True)]
+    models = [starting_with(first, seed) for seed, first in enumerate(firsts)]
+    trainer = StackedTrainer(data, config)
+    trainer.start([copy.deepcopy(m) for m in models], [Slot(key=i, hparams=HPARAMS[i]) for i in range(3)])
+    for _ in range(config.epochs):
+        trainer.train_epoch()
+    assert torch.equal(data.train[0], x_before)
+    for i, model in enumerate(models):
+        # Each solo run on its own copy: `fit` hands unshuffled batches as views of the data, which
+        # an in-place first module writes into (the group does not).
+        alone = solo_run(model, toy_data(), config, HPARAMS[i])
+        assert_as_alone(trainer.slots[i], trainer.model.slot_state_dict(i), alone)
+    dropped = StackedTrainer(data, config)
+    dropped.start([starting_with(nn.Dropout(p), 0) for p in (0.1, 0.3)], [Slot(key=i, hparams={}) for i in range(2)])
+    assert all(math.isfinite(m["train_loss"]) for m in (s.metrics for s in dropped.train_epoch()))
+
+
 def test_signature_ignores_activation_only_where_the_batched_path_handles_it() -> None:
     assert signature(mlp(0, act=nn.ReLU)) == signature(mlp(1, act=nn.GELU))
     assert signature(mlp(0, act=nn.ReLU), exact=True) != signature(mlp(1, act=nn.GELU), exact=True)

@@ -39,7 +39,7 @@ import torch
 
 from trainers import writer
 from trainers.callbacks import improved
-from trainers.optim import kernel_flags, restore_kernels
+from trainers.optim import as_implemented_by
 
 if TYPE_CHECKING:
     from trainers.loop import State
@@ -323,9 +323,7 @@ def restore(state: State, payload: dict[str, Any]) -> None:
     if payload.get("format") not in (1, FORMAT):
         raise ValueError(f"checkpoint format {payload.get('format')!r} is not 1 or {FORMAT}")
     state.model.load_state_dict(payload["model"])
-    kernels = kernel_flags(state.optimizer)
-    state.optimizer.load_state_dict(payload["optimizer"])
-    restore_kernels(state.optimizer, kernels)
+    state.optimizer.load_state_dict(as_implemented_by(payload["optimizer"], state.optimizer))
     if state.schedule is not None and payload["schedule"] is not None:
         state.schedule.scheduler.load_state_dict(payload["schedule"])
     if state.scaler is not None and payload["scaler"] is not None:

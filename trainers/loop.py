@@ -178,7 +178,9 @@ def setup(
     data = place(data, device, on_device=config.data_on_device, batch_size=config.batch_size,
                  eval_batch_size=config.eval_batch_size, shuffle=config.shuffle, generator=generator,
                  num_workers=config.num_workers, channels_last=config.channels_last)
-    optimizer = build_optimizer(model.parameters(), optimizer_spec(config, hparams))
+    # Sparse gradients (an embedding with sparse=True) are the one thing the fused kernels refuse.
+    sparse = any(getattr(module, "sparse", False) is True for module in model.modules())
+    optimizer = build_optimizer(model.parameters(), optimizer_spec(config, hparams), fuse=not sparse)
     windows = -(-n_batches(data.train, config.batch_size) // config.accumulate_grad_batches)
     spec = merge(config.scheduler, hparams.get("scheduler"))
     schedule = None

@@ -6,7 +6,7 @@ trials, data parallel) can reuse it with their own step and their own metrics.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,19 +24,22 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 # the CPU it takes a Python loop per tensor), yet they are the fastest on every size measured here:
 # an Adam step of the digits MLP (26k parameters, one thread) took 85 us fused, 216 us foreach and
 # 244 us by default; SGD 38 against 82; even a single parameter's Adam step is faster fused.
+# Adagrad's only on the CPU: the one device where every torch this package accepts has it.
 FUSED_DEVICES = {"adam": ("cpu", "cuda"), "adamw": ("cpu", "cuda"), "sgd": ("cpu", "cuda"), "adagrad": ("cpu",)}
-# Options by which a spec picks the implementation itself: then it is left to the spec.
+# Options by which a spec or a param group picks the implementation itself: then it is left to them.
 IMPLEMENTATION = ("fused", "foreach", "differentiable", "capturable")
 
 
 def build_optimizer(
-    parameters: Iterable[torch.nn.Parameter], spec: Mapping[str, Any]
+    parameters: Iterable[Any], spec: Mapping[str, Any], *, fuse: bool = True
 ) -> torch.optim.Optimizer:
     """Builds a torch optimizer; `beta1`/`beta2` become Adam's ``betas`` so each can be tuned alone.
 
     Keys other than ``name`` are passed to the optimizer, which rejects the ones it does not take.
+    `parameters` as torch takes them: tensors, (name, tensor) pairs or param groups. With `fuse`,
     Adam, AdamW, SGD and Adagrad use torch's fused kernel where every parameter is a floating-point
-    tensor on a device it runs on, unless the spec chooses (``fused``, ``foreach``, ...).
+    tensor on a device it runs on, unless the spec or a param group chooses (``fused``,
+    ``foreach``, ...); `fit` turns it off for models with sparse gradients, which it does not take.
     """
     kwargs = dict(spec)
     name = str(kwargs.pop("name", "adam")).lower()
@@ -45,7 +48,7 @@ def build_optimizer(
     if "beta1" in kwargs or "beta2" in kwargs:
         kwargs["betas"] = (kwargs.pop("beta1", 0.9), kwargs.pop("beta2", 0.999))
     parameters = list(parameters)
-    if not any(key in kwargs for key in IMPLEMENTATION) and _fusable(name, parameters):
+    if fuse and _fusable(name, parameters, kwargs):
         kwargs["fused"] = True
     try:
         return OPTIMIZERS[name](parameters, **kwargs)
@@ -53,32 +56,31 @@ def build_optimizer(
         raise ValueError(f"optimizer {name}: {err}") from None
 
 
-def _fusable(name: str, parameters: list) -> bool:
-    """Whether torch's fused kernel for `name` takes all of `parameters` (tensors or param groups).
-    torch checks only at the first step, too late to choose another implementation."""
-    tensors = [p for item in parameters for p in (item["params"] if isinstance(item, Mapping) else [item])]
-    return name in FUSED_DEVICES and all(p.is_floating_point() and p.device.type in FUSED_DEVICES[name] for p in tensors)
+def _fusable(name: str, parameters: list, spec: Mapping[str, Any]) -> bool:
+    """Whether torch's fused kernel for `name` takes all of `parameters` and nothing chose another
+    implementation. torch checks the parameters only at the first step, too late to fall back."""
+    groups = [item for item in parameters if isinstance(item, Mapping)]
+    if name not in FUSED_DEVICES or any(key in chosen for chosen in (spec, *groups) for key in IMPLEMENTATION):
+        return False
+    return all(p.is_floating_point() and p.device.type in FUSED_DEVICES[name] for p in _tensors(parameters))
 
 
-def kernel_flags(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Each param group's implementation choice, to keep across `load_state_dict` (see `restore_kernels`)."""
-    return [{key: group[key] for key in ("fused", "foreach", "capturable") if key in group} for group in optimizer.param_groups]
+def _tensors(parameters: list) -> Iterator[torch.Tensor]:
+    for item in parameters:
+        inner = item["params"] if isinstance(item, Mapping) else [item]
+        for p in [inner] if isinstance(inner, torch.Tensor) else inner:
+            yield p[1] if isinstance(p, tuple) else p  # named_parameters() gives (name, tensor)
 
 
-def restore_kernels(optimizer: torch.optim.Optimizer, flags: list[dict[str, Any]]) -> None:
-    """Puts back the implementation that this run chose after `load_state_dict`, which takes the
-    saved run's: a checkpoint written on a GPU may resume on a CPU and the other way round, where
-    the saved choice may not run (fused Adagrad exists for the CPU only). The step counters then
-    move where this implementation keeps them: by the parameter for fused, on the CPU otherwise."""
-    for group, chosen in zip(optimizer.param_groups, flags):
-        group.update(chosen)
-        on_device = group.get("fused") or group.get("capturable")
-        # torch.optim's own choice of the counter's dtype (float64 only for unfused steps under a float64 default).
-        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 and not group.get("fused") else torch.float32
-        for p in group["params"]:
-            step = optimizer.state.get(p, {}).get("step")
-            if isinstance(step, torch.Tensor):
-                optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu", dtype)
+def as_implemented_by(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer's saved `state_dict` with the implementation that `optimizer` (this run's) chose,
+    for its `load_state_dict`, which would take the saved run's: a checkpoint written on a GPU may
+    resume on a CPU and the other way round, where the saved choice may not run. torch then puts
+    the step counters where this implementation keeps them."""
+    current = optimizer.param_groups
+    groups = [{**group, **{key: current[i][key] for key in IMPLEMENTATION if key in current[i]}} if i < len(current) else group
+              for i, group in enumerate(saved["param_groups"])]
+    return {**saved, "param_groups": groups}
 
 
 class Update:

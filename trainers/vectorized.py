@@ -197,6 +197,16 @@ def _float32_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return forward(x.float()).to(x.dtype)
 
 
+def _out_of_place(module: nn.Module) -> nn.Module:
+    """A copy of an element-wise module that does not write into its input: in a group the input
+    may be the shared batch (a view of one tensor for all slots), and with activations that differ
+    per slot each one reads the same input."""
+    if getattr(module, "inplace", False):
+        module = copy.copy(module)
+        module.inplace = False
+    return module
+
+
 def _sequential_plan(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """The layers of a `nn.Sequential` that the batched-matmul path can run, or None."""
     if type(model) is not nn.Sequential:
@@ -238,7 +248,7 @@ class StackedModel:
         if self.plan is None and any(signature(m, exact=True) != signature(models[0], exact=True) for m in models):
             raise NotVectorizable("the models' activations differ, which only the batched-matmul path of an nn.Sequential handles")
         # Each slot's own activation modules, by position (the batched path applies them per slot).
-        self.activations = {name: [getattr(m, name) for m in swapped] for name, layer in (self.plan or [])
+        self.activations = {name: [_out_of_place(getattr(m, name)) for m in swapped] for name, layer in (self.plan or [])
                             if type(layer) in ELEMENTWISE}
         self._sync_activations()
         self.training = True
@@ -316,7 +326,7 @@ class StackedModel:
             for name in self.dropouts:
                 self.buffers[f"{name}.p"][index] = float(model.get_submodule(name).p)
         for name, modules in self.activations.items():
-            modules[index] = getattr(model, name)  # element-wise, without tensors: any device
+            modules[index] = _out_of_place(getattr(model, name))  # element-wise, without tensors: any device
         self._sync_dropout()
         self._sync_activations()
 
@@ -564,7 +574,8 @@ class StackedTrainer:
             self.model.eval()
             with torch.no_grad():
                 stacked = self.model(x)[0].float()
-                own = copy.deepcopy(models[0]).to(self.device).eval()(x).float()
+                # On a copy of the batch: a module in place at the model's input would write into the data.
+                own = copy.deepcopy(models[0]).to(self.device).eval()(x.clone()).float()
             self.model.train()
         except NotVectorizable:
             raise
@@ -603,11 +614,11 @@ class StackedTrainer:
         k = out.shape[0]
         targets = y.expand(k, *y.shape) if shared else y
         if self.kind == "classification" and smoothing is not None:
-            # F.cross_entropy's label smoothing, with a value per slot: (1 - e) nll + e mean(-log p).
-            log_p = F.log_softmax(out.float(), dim=-1)
-            nll = -log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            # F.cross_entropy's label smoothing, with a value per slot: (1 - e) nll + e mean(-log p),
+            # which is logsumexp - (1 - e) target logit - e mean logit (see `cross_entropy_rows`).
+            out = out.float()
             eps = smoothing.view(-1, 1)
-            per = (1 - eps) * nll - eps * log_p.mean(-1)
+            per = out.logsumexp(-1) - (1 - eps) * out.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - eps * out.mean(-1)
         elif self.kind == "classification":
             per = metrics_mod.cross_entropy_rows(out, targets)
         else:

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,15 +83,22 @@ class Writer:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         # Ctrl-C reaches the whole process group, and a batch scheduler's SIGTERM often every
         # process of the job: the parent then saves a last checkpoint, which the child must still
-        # write. So the child ignores both from its first line; it exits when the parent has gone
-        # (end of file on the pipe).
+        # write. So the child ignores both; it exits when the parent has gone (end of file on the
+        # pipe). It starts with them blocked (the mask is inherited through exec), since one that
+        # came while its interpreter started, before its first line, would end it; its first line
+        # ignores them, which discards any that are pending, then unblocks them.
         code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
                 f"from trainers.writer import serve; serve({to_child_r}, {from_child_w})")
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", code],
-            pass_fds=(to_child_r, from_child_w, *claim), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        )
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", code],
+                pass_fds=(to_child_r, from_child_w, *claim), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(to_child_r)
         os.close(from_child_w)
         self._send = Connection(to_child_w, readable=False)
