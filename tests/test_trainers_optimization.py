@@ -237,3 +237,19 @@ def test_a_model_with_sparse_gradients_trains_on_torch_s_default_implementation(
     model = nn.Sequential(nn.Embedding(8, 4, sparse=True), nn.Linear(4, 3))
     state = trainers.fit(model, data, trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu", optimizer=name, lr=0.1))
     assert not state.optimizer.param_groups[0].get("fused") and len(state.history) == 2
+
+
+def test_a_torch_without_the_fused_kernel_gets_its_default_implementation(monkeypatch: pytest.MonkeyPatch) -> None:
+    class OlderAdagrad(torch.optim.Adagrad):  # as torch 2.4's Adagrad, without `fused`
+        def __init__(self, params, lr: float = 0.01, **options) -> None:
+            if "fused" in options:
+                raise TypeError("__init__() got an unexpected keyword argument 'fused'")
+            super().__init__(params, lr=lr, **options)
+
+    from trainers import optim
+
+    monkeypatch.setitem(optim.OPTIMIZERS, "adagrad", OlderAdagrad)
+    built = trainers.build_optimizer(make_model().parameters(), {"name": "adagrad", "lr": 0.1})
+    assert isinstance(built, OlderAdagrad) and not built.param_groups[0].get("fused")
+    with pytest.raises(ValueError, match="optimizer adagrad: .*momentum"):
+        trainers.build_optimizer(make_model().parameters(), {"name": "adagrad", "momentum": 0.9})

@@ -49,7 +49,10 @@ def build_optimizer(
         kwargs["betas"] = (kwargs.pop("beta1", 0.9), kwargs.pop("beta2", 0.999))
     parameters = list(parameters)
     if fuse and _fusable(name, parameters, kwargs):
-        kwargs["fused"] = True
+        try:
+            return OPTIMIZERS[name](parameters, fused=True, **kwargs)
+        except (TypeError, RuntimeError):
+            pass  # a torch without this kernel: its default below, which also names a wrong option
     try:
         return OPTIMIZERS[name](parameters, **kwargs)
     except TypeError as err:
