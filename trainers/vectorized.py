@@ -55,14 +55,15 @@ from trainers.stacked_optim import StackedOptimizer, StackedScaler, per_slot, st
 
 STACKED_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 # Options each stacked optimizer takes per slot (torch.optim's names; beta1/beta2 as in build_optimizer).
-# `fused` and `foreach` choose torch's implementation of the same update: the stacked one has its own.
 OPTIMIZER_OPTIONS = {
-    "sgd": {"lr", "weight_decay", "momentum", "nesterov", "dampening", "fused", "foreach"},
-    "adam": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps", "fused", "foreach"},
-    "adamw": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps", "fused", "foreach"},
-    "rmsprop": {"lr", "weight_decay", "alpha", "eps", "momentum", "centered", "foreach"},
-    "adagrad": {"lr", "weight_decay", "lr_decay", "eps", "initial_accumulator_value", "fused", "foreach"},
+    "sgd": {"lr", "weight_decay", "momentum", "nesterov", "dampening"},
+    "adam": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps"},
+    "adamw": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps"},
+    "rmsprop": {"lr", "weight_decay", "alpha", "eps", "momentum", "centered"},
+    "adagrad": {"lr", "weight_decay", "lr_decay", "eps", "initial_accumulator_value"},
 }
+# These choose torch's implementation of the same update, which the stacked one replaces.
+IMPLEMENTATION_OPTIONS = {"fused", "foreach"}
 # Parameter-free element-wise modules: applied to a [K, B, ...] tensor they act on each slot alone.
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
                nn.Identity, nn.Hardtanh, nn.ReLU6, nn.SELU, nn.CELU, nn.Softsign, nn.Tanhshrink)
@@ -124,7 +125,7 @@ def check_hparams(hparams: Mapping[str, Any], config: TrainerConfig) -> dict[str
     name = str(spec.get("name", "adam")).lower()
     if name not in STACKED_OPTIMIZERS:
         raise NotVectorizable(f"optimizer {name} has no stacked implementation (stacked: {', '.join(STACKED_OPTIMIZERS)})")
-    unknown = sorted(set(spec) - {"name"} - OPTIMIZER_OPTIONS[name])
+    unknown = sorted(set(spec) - {"name"} - OPTIMIZER_OPTIONS[name] - IMPLEMENTATION_OPTIONS)
     if unknown:
         raise NotVectorizable(f"optimizer {name} option {', '.join(unknown)} is not stacked yet")
     if name == "sgd" and spec.get("dampening", 0) != 0:
@@ -613,14 +614,8 @@ class StackedTrainer:
         """Each slot's mean loss over the batch, [K]."""
         k = out.shape[0]
         targets = y.expand(k, *y.shape) if shared else y
-        if self.kind == "classification" and smoothing is not None:
-            # F.cross_entropy's label smoothing, with a value per slot: (1 - e) nll + e mean(-log p),
-            # which is logsumexp - (1 - e) target logit - e mean logit (see `cross_entropy_rows`).
-            out = out.float()
-            eps = smoothing.view(-1, 1)
-            per = out.logsumexp(-1) - (1 - eps) * out.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - eps * out.mean(-1)
-        elif self.kind == "classification":
-            per = metrics_mod.cross_entropy_rows(out, targets)
+        if self.kind == "classification":  # label smoothing with a value per slot
+            per = metrics_mod.cross_entropy_rows(out, targets, None if smoothing is None else smoothing.view(-1, 1))
         else:
             per = F.mse_loss(out.reshape(targets.shape), targets, reduction="none")
         return per.reshape(k, -1).mean(1)
