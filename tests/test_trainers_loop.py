@@ -231,6 +231,28 @@ def test_dataloader_path_gives_the_same_metrics_as_device_tensors() -> None:
     assert streamed.history == on_device.history
 
 
+class DoublesItsInput(nn.Module):
+    """Changes its input in place, as `nn.ReLU(inplace=True)` first in a model would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = make_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.mul_(2))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_model_that_changes_its_input_in_place_leaves_the_data_as_it_was(shuffle: bool) -> None:
+    # The data of a study is built once and shared by its trials, and every epoch reads it again.
+    data = make_data()
+    before = [t.clone() for t in (*data.train, *data.val)]
+    config = trainers.TrainerConfig(epochs=2, batch_size=16, device="cpu", shuffle=shuffle, seed=0)
+    first = trainers.fit(DoublesItsInput(), data, config).history
+    assert all(torch.equal(a, b) for a, b in zip(before, (*data.train, *data.val)))
+    assert trainers.fit(DoublesItsInput(), data, config).history == first
+
+
 def test_gradients_are_cleared_after_each_step_also_of_a_param_group_added_by_a_callback() -> None:
     extra = nn.Parameter(torch.zeros(3))
     model = make_model()

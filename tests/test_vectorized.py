@@ -559,6 +559,25 @@ class Branchy(nn.Module):
         return -h
 
 
+class ScalesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.mul_(0.5))
+
+
+def test_a_model_that_changes_its_input_in_place_runs_alone_and_the_data_stays_as_it_was() -> None:
+    # The slots of a group share each batch: one slot's write would feed the others its output.
+    data = toy_data()
+    before = [t.clone() for t in (*data.train, *data.val)]
+    config = trainers.TrainerConfig(epochs=1, batch_size=32, device="cpu", shuffle=False)
+    with pytest.raises(NotVectorizable, match="changes its input in place"):
+        StackedTrainer(data, config).start([ScalesItsInput(), ScalesItsInput()], [Slot(i, {}) for i in range(2)])
+    assert all(torch.equal(a, b) for a, b in zip(before, (*data.train, *data.val)))
+
+
 def test_models_that_cannot_be_stacked_are_named_with_the_reason() -> None:
     data = toy_data()
     config = trainers.TrainerConfig(epochs=1, batch_size=32, device="cpu")

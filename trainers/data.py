@@ -98,8 +98,10 @@ def batches(
         return
     n = len(split[0])
     if not shuffle:
+        # A copy, as a DataLoader's batch is: a slice would be a view of data that later epochs
+        # and trials share, and a model or step that changed its input in place would change it.
         for start in range(0, n, batch_size):
-            yield tuple(t[start : start + batch_size] for t in split)
+            yield tuple(t[start : start + batch_size].clone() for t in split)
         return
     # The permutation is drawn on the CPU with the seeded generator so that the order is the
     # same on every device; moving n int64s once per epoch is negligible.

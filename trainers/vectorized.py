@@ -559,13 +559,18 @@ class StackedTrainer:
         return stand_in.param_groups[0]
 
     def _probe(self, models: Sequence[nn.Module]) -> None:
-        x = self.data.train[0][: self.config.batch_size]
+        # A copy: the probe must not write into the data, whatever the model does to its input.
+        x = self.data.train[0][: self.config.batch_size].clone()
+        version = x._version
         batch = (x,) if not self.per_slot_data else (x.expand(self.size, *x.shape),)
         # A train-mode forward moves batch norm's running statistics: the probe must leave none moved.
         buffers = {k: v.clone() for k, v in self.model.buffers.items()}
         try:
             with self.autocast():
                 out = self.model(batch[0], shared=not self.per_slot_data)
+            if x._version != version:
+                # The slots share each batch (and, unshuffled, batches are views of the data).
+                raise NotVectorizable("the model changes its input in place")
             out.float().sum().backward()
             self.optimizer.zero_grad()
             for k, v in buffers.items():
@@ -575,8 +580,7 @@ class StackedTrainer:
             self.model.eval()
             with torch.no_grad():
                 stacked = self.model(x)[0].float()
-                # On a copy of the batch: a module in place at the model's input would write into the data.
-                own = copy.deepcopy(models[0]).to(self.device).eval()(x.clone()).float()
+                own = copy.deepcopy(models[0]).to(self.device).eval()(x).float()
             self.model.train()
         except NotVectorizable:
             raise
