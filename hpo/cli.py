@@ -233,8 +233,11 @@ def _worker(args: argparse.Namespace) -> int:
     url = resolve_url(args.storage)
     if args.jobs or args.gpus:
         from hpo import supervisor
+        from hpo.coordinator import open_study
 
         slots = supervisor.slots(args.gpus, args.per_gpu, args.jobs)
+        # An unknown study or an unreachable server: one line here, not one from every worker.
+        open_study(url, args.study)
         threads = args.threads
         print(f"supervising {len(slots)} workers on study {args.study} ({redact(url)})", flush=True)
         return supervisor.supervise(args.study, url, slots, first_index=args.worker_index or 0, threads=threads)

@@ -10,6 +10,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+# A worker's exit code for an error that it reported in one line and that a restart would repeat.
+EXIT_USAGE = 2
+
 
 class SupervisorError(ValueError):
     """One line for the user."""
@@ -49,9 +52,14 @@ def supervise(
 
     A worker that exits 0 (budget spent) or 130 (Ctrl-C) is done; one that crashes (killed,
     out of memory, an exit code other than those) is restarted, up to `max_restarts` times,
-    and its trial is picked up through the heartbeat like any lost trial.
+    and its trial is picked up through the heartbeat like any lost trial. One that exits 2 said
+    why on its last line (the study gone, the storage unreachable beyond its patience): the same
+    command would fail the same way, so it is not restarted. Workers that ended so, or crashed
+    once too often, make the exit code that of the first of them (1 for one killed by a signal),
+    so a batch scheduler sees the failure.
     """
     stopping: list[int] = []
+    failed: list[int] = []
 
     def stop(signum: int, frame: object) -> None:
         stopping.append(signum)
@@ -70,17 +78,23 @@ def supervise(
                 if code is None:
                     continue
                 slot.process = None
-                if code not in (0, 130) and not stopping and slot.restarts < max_restarts:
+                if code in (0, 130) or stopping:
+                    continue
+                if code != EXIT_USAGE and slot.restarts < max_restarts:
                     slot.restarts += 1
                     print(f"hpo: worker {slot.index} exited with {code}; restarting it ({slot.restarts}/{max_restarts})",
                           file=sys.stderr, flush=True)
                     _start(slot, study, storage_url, first_index, threads)
+                    continue
+                failed.append(code if code > 0 else 1)
+                why = "" if code == EXIT_USAGE else f" after {slot.restarts} restarts"
+                print(f"hpo: worker {slot.index} exited with {code}{why}; not restarting it", file=sys.stderr, flush=True)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stopping:
         return 130 if stopping[0] == signal.SIGINT else 0
-    return 0
+    return failed[0] if failed else 0
 
 
 def _start(slot: Slot, study: str, storage_url: str, first_index: int, threads: int | None) -> None:

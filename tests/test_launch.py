@@ -105,6 +105,43 @@ def test_supervised_workers_get_the_storage_url_outside_their_command_line(monke
     assert command[-4:] == ["--worker-index", "100", "--threads", "2"]
 
 
+def _workers_exiting_with(code: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Makes `supervise` start workers that exit with `code` at once; returns the list of slots started."""
+    from hpo import supervisor
+
+    started: list[int] = []
+
+    def start(slot, *args) -> None:
+        started.append(slot.index)
+        slot.process = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+
+    monkeypatch.setattr(supervisor, "_start", start)
+    return started
+
+
+def test_supervisor_does_not_restart_a_worker_that_reported_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpo import supervisor
+
+    started = _workers_exiting_with(2, monkeypatch)
+    assert supervisor.supervise("s", "redis://x", supervisor.slots(None, 1, 2)) == 2
+    assert sorted(started) == [0, 1]
+
+
+def test_supervisor_gives_up_on_a_crashing_worker_and_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpo import supervisor
+
+    started = _workers_exiting_with(3, monkeypatch)
+    assert supervisor.supervise("s", "redis://x", supervisor.slots(None, 1, 1), max_restarts=2) == 3
+    assert started == [0, 0, 0]
+
+
+def test_supervisor_names_an_unknown_study_once_and_starts_no_worker(redis_url: str) -> None:
+    result = hpo("worker", "--study", "no-such-study", "--storage", redis_url, "--jobs", "2", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("hpo: error: no study named 'no-such-study'") == 1, result.stderr
+    assert "joining" not in result.stdout and "restarting" not in result.stderr
+
+
 # ---- the launcher against three namespace hosts, each running sshd ----
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
