@@ -99,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--storage", help=storage_help)
         sub.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "status":
+            sub.add_argument("--trial", type=int, metavar="N", help="one trial in full: params, curve, attempts, traceback")
             sub.add_argument("--watch", action="store_true", help="live view, redrawn until the study is done (Ctrl-C to stop)")
             sub.add_argument("--interval", type=float, default=2.0, help="seconds between redraws with --watch (default 2)")
 
@@ -177,8 +178,8 @@ def _run(args: argparse.Namespace) -> int:
     from hpo import coordinator, objective
     from hpo.config import load_config
     from hpo.progress import StudyProgress
-    from hpo.report import status_text
-    from hpo.storage import open_storage, redact, refresh, resolve_url
+    from hpo.report import all_failed, status_text, trial_text
+    from hpo.storage import open_storage, redact, refresh, resolve_url, scrub
     from hpo.worker import run_worker
 
     config = load_config(args.file)
@@ -212,6 +213,13 @@ def _run(args: argparse.Namespace) -> int:
     refresh(study._storage)
     print(status_text(study, config))
     print(f"wall time {time.perf_counter() - started:.1f}s")
+    failed = all_failed(study.get_trials(deepcopy=False))
+    if failed is not None and not summary.interrupted:
+        # Nothing to show for the run: say so in the exit code, with the first failure's traceback.
+        print(scrub(trial_text(failed, config)), file=sys.stderr)
+        print(f"hpo: error: no trial completed: every one failed (trial {failed.number} above; "
+              f"any trial: hpo status --trial N{'' if args.storage is None else ' --storage URL'})", file=sys.stderr)
+        return 1
     if summary.interrupted:
         print(f"stopped by {summary.interrupted}; the interrupted trial was re-queued. Continue with: hpo run {args.file}")
         return EXIT_INTERRUPTED if summary.interrupted == "SIGINT" else 0
@@ -256,7 +264,8 @@ def _worker(args: argparse.Namespace) -> int:
 def _open_study(args: argparse.Namespace):
     from hpo import coordinator, heartbeat
 
-    study, config = coordinator.open_study(args.storage, args.study)
+    # These commands only read the study: the machine they run on need not have the task's code.
+    study, config = coordinator.open_study(args.storage, args.study, import_task=False)
     # Looking is also sweeping: a study whose last worker died is cleaned up by the next look.
     heartbeat.sweep(study, config.study.grace_period, config.study.max_retries)
     return study, config
@@ -267,6 +276,8 @@ def _status(args: argparse.Namespace) -> int:
     from hpo.report import status_text
 
     study, config = _open_study(args)
+    if args.trial is not None:
+        return _one_trial(study, config, args.trial, args.json)
     if args.watch:
         live.watch(lambda: live.snapshot(study, config), interval=args.interval)
     elif args.json:
@@ -275,6 +286,20 @@ def _status(args: argparse.Namespace) -> int:
         print(status_text(study, config))
         for line in live.status_lines(study, config):
             print(line)
+    return 0
+
+
+def _one_trial(study, config, number: int, as_json: bool) -> int:
+    from hpo.coordinator import StudyError
+    from hpo.report import trial_record, trial_text
+    from hpo.storage import scrub
+
+    trials = study.get_trials(deepcopy=False)
+    trial = next((t for t in trials if t.number == number), None)
+    if trial is None:
+        raise StudyError(f"study {study.study_name} has no trial {number} (trials 0-{len(trials) - 1})" if trials
+                         else f"study {study.study_name} has no trials yet")
+    print(scrub(json.dumps(trial_record(trial, config)) if as_json else trial_text(trial, config)))
     return 0
 
 

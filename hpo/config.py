@@ -132,12 +132,14 @@ def load_config(file: str) -> Config:
     return validate(located, file)
 
 
-def config_from_dict(raw: dict[str, Any], source: str) -> Config:
-    """Rebuilds a config stored in a study (no line numbers there)."""
-    return validate(yamlfile.Located(raw), source)
+def config_from_dict(raw: dict[str, Any], source: str, *, import_task: bool = True) -> Config:
+    """Rebuilds a config stored in a study (no line numbers there). `import_task` False: the
+    task's factories are not imported, for commands that only read the study (`hpo status` on a
+    machine without the training code)."""
+    return validate(yamlfile.Located(raw), source, import_task=import_task)
 
 
-def validate(located: yamlfile.Located, source: str) -> Config:
+def validate(located: yamlfile.Located, source: str, *, import_task: bool = True) -> Config:
     problems: list[Problem] = []
 
     def report(path: tuple, message: str) -> None:
@@ -155,7 +157,7 @@ def validate(located: yamlfile.Located, source: str) -> Config:
             report((), f"missing section {section} (expected {section}: ...)")
 
     space = space_mod.parse(raw.get("space"), ("space",), report) if "space" in raw else space_mod.Group({})
-    task = _task(_section(raw, "task", report), report)
+    task = _task(_section(raw, "task", report), report, import_task)
     trainer = _trainer(_section(raw, "trainer", report), report)
     study = _study(_section(raw, "study", report), space, task, trainer.top_k, report)
     baseline = _baseline(raw.get("baseline", []), space, report)
@@ -267,7 +269,7 @@ def _vectorize(raw: Any, path: tuple, report: Callable) -> Vectorize | None:
     return Vectorize(width, data, max_width or 64, lookahead or 1) if ok else None
 
 
-def _task(raw: dict, report: Callable) -> TaskConfig | None:
+def _task(raw: dict, report: Callable, import_task: bool = True) -> TaskConfig | None:
     path = ("task",)
     _unknown_keys(raw, path, TASK_KEYS, report)
     ok = True
@@ -276,6 +278,8 @@ def _task(raw: dict, report: Callable) -> TaskConfig | None:
             if key in ("model", "data"):
                 report(path, f"missing {key} (expected {key}: package.module:function)")
                 ok = False
+            continue
+        if not import_task:
             continue
         try:
             task_mod.load_callable(raw[key])

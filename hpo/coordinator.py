@@ -72,8 +72,8 @@ def create(config: Config, storage: BaseStorage, *, on_exists: OnExists = "refus
     return Created(study, resumed=False)
 
 
-def load(name: str, storage: BaseStorage) -> tuple[optuna.Study, Config]:
-    """The study and the config stored in it."""
+def load(name: str, storage: BaseStorage, *, import_task: bool = True) -> tuple[optuna.Study, Config]:
+    """The study and the config stored in it (`config_from_dict`'s `import_task`)."""
     study_id = _find(storage, name)
     if study_id is None:
         known = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
@@ -83,14 +83,15 @@ def load(name: str, storage: BaseStorage) -> tuple[optuna.Study, Config]:
     if raw is None:
         raise StudyError(f"study {name!r} was not created by hpo (no stored config); create it with hpo create")
     try:
-        config = config_from_dict(raw, f"study {name!r}")
+        config = config_from_dict(raw, f"study {name!r}", import_task=import_task)
     except ConfigError as err:
         raise StudyError(f"the config stored in study {name!r} is not valid here: {err.problems[0]}") from None
     return optuna.load_study(study_name=name, storage=storage), config
 
 
-def open_study(url: str | None, name: str | None) -> tuple[optuna.Study, Config]:
+def open_study(url: str | None, name: str | None, *, import_task: bool = True) -> tuple[optuna.Study, Config]:
     """Opens the storage and the study in it (the only one when `name` is None), with liveness on.
+    `import_task` False: for commands that only read the study, which need not have the task's code.
 
     On RDB storages the heartbeat settings come from the study's config, so the storage is
     opened again with them once the config is read.
@@ -102,7 +103,7 @@ def open_study(url: str | None, name: str | None) -> tuple[optuna.Study, Config]
             listed = f": {', '.join(sorted(names))}" if names else ""
             raise StudyError(f"{redact(resolve_url(url))} holds {len(names)} studies{listed}; name one with --study")
         name = names[0]
-    study, config = load(name, storage)
+    study, config = load(name, storage, import_task=import_task)
     if heartbeat.uses_optuna_heartbeat(storage):
         s = config.study
         storage = open_storage(url, heartbeat=(s.heartbeat_interval, s.grace_period, heartbeat.optuna_stale_callback(s.max_retries)))

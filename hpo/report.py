@@ -40,6 +40,47 @@ def describe_trial(trial: FrozenTrial, metrics: Sequence[str]) -> str:
     return f"trial {trial.number:>4} {trial.state.name.lower()}  {reason}"
 
 
+def trial_record(trial: FrozenTrial, config: Config) -> dict[str, Any]:
+    """One trial as plain JSON-ready data: what `hpo status --trial N` shows."""
+    return {
+        "number": trial.number,
+        "state": trial.state.name.lower(),
+        "values": trial.values,
+        "params": params_of(trial, config),
+        "epochs_reported": len(trial.intermediate_values),
+        "curve": [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)],
+        "worker": trial.user_attrs.get("hpo:worker"),
+        "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
+        "seconds": round(trial.duration.total_seconds(), 1) if trial.duration is not None else None,
+        "retry_of": [a["trial"] for a in trial.user_attrs.get("hpo:attempts", [])],
+        "reason": trial.user_attrs.get("hpo:fail_reason") or trial.user_attrs.get("hpo:pruned"),
+        "traceback": trial.user_attrs.get("hpo:traceback"),
+    }
+
+
+def trial_text(trial: FrozenTrial, config: Config) -> str:
+    """One trial in full, for a person: its line, params, curve, worker, attempts and traceback."""
+    r = trial_record(trial, config)
+    lines = [describe_trial(trial, config.study.metrics)]
+    lines.extend("  " + line for line in yaml.safe_dump(r["params"], sort_keys=False).splitlines())
+    if r["curve"]:
+        lines.append(f"  {config.study.metrics[0]} by epoch: " + ", ".join(f"{v:.4f}" for v in r["curve"]))
+    lines.append(f"  worker {r['worker'] or 'unknown'}, started {r['started'] or 'not yet'}")
+    for attempt in trial.user_attrs.get("hpo:attempts", []):
+        lines.append(f"  retry of #{attempt['trial']}: {attempt['reason']}")
+    if r["traceback"]:
+        lines.append("  traceback (its last lines, as recorded):")
+        lines.extend("    " + line for line in r["traceback"].rstrip().splitlines())
+    return "\n".join(lines)
+
+
+def all_failed(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The first failed trial when trials failed and none completed or was pruned, else None."""
+    if any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials):
+        return None
+    return next((t for t in trials if t.state == TrialState.FAIL), None)
+
+
 def params_of(trial: FrozenTrial, config: Config) -> dict[str, Any]:
     """The nested params the trial's factories saw, fixed values included."""
     return space.unflatten(config.space, trial.params)

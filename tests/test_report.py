@@ -87,6 +87,15 @@ def test_status_json_is_machine_readable(journal):
     assert len(data["warnings"]) == 2
 
 
+def test_status_of_one_trial_shows_its_params_and_curve(journal):
+    proc = hpo("status", "--trial", "4", "--storage", journal)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("trial    4 complete  val_accuracy 0.9000")
+    assert "  model:" in lines and "  val_accuracy by epoch: 0.1000, 0.2000, 0.3000, 0.9000" in lines
+    assert json.loads(hpo("status", "--trial", "4", "--json", "--storage", journal).stdout)["curve"] == [0.1, 0.2, 0.3, 0.9]
+
+
 def test_best_and_studies_json(journal):
     best = json.loads(hpo("best", "--json", "--storage", journal).stdout)
     assert best[0]["number"] == 4
