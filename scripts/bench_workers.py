@@ -161,12 +161,53 @@ def hpo_worker(label: str, url: str, name: str, index: int, n_trials: int, ready
     out.put((time.perf_counter(), slept, time.process_time() - cpu))
 
 
-def side(target, label: str, url: str, name: str, workers: int, n_trials: int) -> tuple[float, float, float]:
+def loop_worker(label: str, path: str, name: str, index: int, n_trials: int, ready, go, out, epochs: list[int]) -> None:
+    """The ceiling: the same trials (same epochs each as hpo's were trained) by `trainers.fit`
+    alone, as hpo's worker runs it, with no storage, no sampler, no pruner."""
+    import dataclasses
+
+    import trainers
+    from hpo import objective
+    from hpo.config import load_config
+
+    sys.path.insert(0, os.environ["HPO_BENCH_TASK_DIR"])
+    import bench_workers_task as task_module
+
+    slept = 0.0
+    original = task_module.train_step
+
+    def counted_step(model, batch):
+        nonlocal slept
+        slept += STEP_S
+        return original(model, batch)
+
+    task_module.train_step = counted_step
+    config = load_config(path)
+    task = objective.prepare(config)
+    import torch
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    ready.put(index)
+    go.wait()
+    cpu = time.process_time()
+    for number, n_epochs in enumerate(epochs):
+        params = {"x": 0.0, "y": 0.0}
+        objective.seed_torch(number)
+        data = task.data(params)
+        trainers.fit(task.model(params, data), data,
+                     dataclasses.replace(config.trainer, seed=number, threads=1, epochs=n_epochs),
+                     hparams=params, kind=config.task.kind, train_step=task.train_step, eval_step=task.eval_step)
+    out.put((time.perf_counter(), slept, time.process_time() - cpu))
+
+
+def side(target, label: str, url: str, name: str, workers: int, n_trials: int,
+         shares: list[list[int]] | None = None) -> tuple[float, float, float]:
     """Starts `workers` processes, lets them go together; returns (efficiency, wall seconds,
-    the workers' CPU milliseconds per trial)."""
+    the workers' CPU milliseconds per trial). `shares`: each worker's extra argument."""
     ctx = mp.get_context("spawn")
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=target, args=(label, url, name, i, n_trials, ready, go, out)) for i in range(workers)]
+    procs = [ctx.Process(target=target, args=(label, url, name, i, n_trials, ready, go, out, *([shares[i]] if shares else [])))
+             for i in range(workers)]
     for p in procs:
         p.start()
     for _ in procs:
@@ -204,8 +245,10 @@ def main() -> None:
             "sqlite": f"sqlite:///{tmp}/bench.db"}
     print(f"{args.workers} workers, {args.trials} trials of 5 x 10 ms steps, TPE (constant liar) + median pruner")
     print("efficiency = (total sleep / workers) / wall time; CPU = the workers' CPU time per trial\n")
-    print("| storage | plain Optuna | hpo | plain wall s | hpo wall s | plain CPU ms/trial | hpo CPU ms/trial |")
-    print("|---|---|---|---|---|---|---|")
+    print("loop alone = the same trials, as many epochs each as hpo trained them, by trainers.fit in the same")
+    print("number of processes, without storage, sampler or pruner: the ceiling for any worker that trains them\n")
+    print("| storage | plain Optuna | hpo | loop alone | plain wall s | hpo wall s | plain CPU ms/trial | hpo CPU ms/trial |")
+    print("|---|---|---|---|---|---|---|---|")
     for label in args.storages.split(","):
         plain_name, hpo_name = f"plain-{uuid.uuid4().hex[:6]}", f"hpo-{uuid.uuid4().hex[:6]}"
         url = plain_url = urls[label]
@@ -223,8 +266,12 @@ def main() -> None:
         coordinator.create(load_config(path), open_storage(url))
         plain_eff, plain_wall, plain_cpu = side(plain_worker, label, plain_url, plain_name, args.workers, args.trials)
         hpo_eff, hpo_wall, hpo_cpu = side(hpo_worker, label, url, hpo_name, args.workers, args.trials)
-        print(f"| {label} | {plain_eff:.2f} | {hpo_eff:.2f} | {plain_wall:.1f} | {hpo_wall:.1f} | {plain_cpu:.1f} | {hpo_cpu:.1f} |",
-              flush=True)
+        trained = [len(t.intermediate_values) for t in optuna.load_study(study_name=hpo_name, storage=open_storage(url)).trials
+                   if t.state.is_finished()]
+        loop_eff, _, _ = side(loop_worker, label, path, hpo_name, args.workers, args.trials,
+                              shares=[trained[i::args.workers] for i in range(args.workers)])
+        print(f"| {label} | {plain_eff:.2f} | {hpo_eff:.2f} | {loop_eff:.2f} | {plain_wall:.1f} | {hpo_wall:.1f} | "
+              f"{plain_cpu:.1f} | {hpo_cpu:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
