@@ -9,6 +9,8 @@ worker's end. Each side's study is new, under its own Redis key prefix (a journa
 earlier studies would make every worker replay them). Plain Optuna uses its own storage classes (JournalRedisBackend, RDBStorage
 without heartbeat, JournalFileBackend) and `study.optimize` with the same sampler and pruner;
 hpo uses `hpo.worker.run_worker` with its storage, budget lock, heartbeat and bookkeeping.
+A third side, the loop alone, trains the same trials (each for the epochs hpo trained it) by
+`trainers.fit` with no storage at all: the most any worker that trains them can reach here.
 
     python scripts/bench_workers.py [--trials 240] [--workers 4] [--storages redis,postgresql,journal]
 """
