@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -200,6 +201,8 @@ def _run(args: argparse.Namespace) -> int:
         context.Process(target=_child_worker, args=(s.name, url, index, threads), name=f"hpo-worker-{index}")
         for index in range(1, args.jobs)
     ]
+    # Earlier runs' results; queued trials (a baseline, a retry) are this run's to train.
+    finished_before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     for child in children:
         child.start()
     try:
@@ -213,12 +216,13 @@ def _run(args: argparse.Namespace) -> int:
     refresh(study._storage)
     print(status_text(study, config))
     print(f"wall time {time.perf_counter() - started:.1f}s")
-    failed = all_failed(study.get_trials(deepcopy=False))
+    failed = all_failed([t for t in study.get_trials(deepcopy=False) if t.number not in finished_before])
     if failed is not None and not summary.interrupted:
         # Nothing to show for the run: say so in the exit code, with the first failure's traceback.
         print(scrub(trial_text(failed, config)), file=sys.stderr)
-        print(f"hpo: error: no trial completed: every one failed (trial {failed.number} above; "
-              f"any trial: hpo status --trial N{'' if args.storage is None else ' --storage URL'})", file=sys.stderr)
+        where = f" --study {s.name}" + ("" if args.storage is None else " --storage URL")
+        print(f"hpo: error: no trial of this run completed: every one failed (trial {failed.number} above; "
+              f"any trial: hpo status{where} --trial N)", file=sys.stderr)
         return 1
     if summary.interrupted:
         print(f"stopped by {summary.interrupted}; the interrupted trial was re-queued. Continue with: hpo run {args.file}")
@@ -236,16 +240,20 @@ def _child_worker(study_name: str, url: str, index: int, threads: int) -> None:
 def _worker(args: argparse.Namespace) -> int:
     from hpo.report import describe_trial
     from hpo.storage import redact, resolve_url
+    from hpo.task import importable_from
     from hpo.worker import run_worker
 
     url = resolve_url(args.storage)
+    # As `python -m hpo worker` and `hpo run` do: a task module in the working directory imports.
+    importable_from(os.getcwd())
     if args.jobs or args.gpus:
         from hpo import supervisor
         from hpo.coordinator import open_study
 
         slots = supervisor.slots(args.gpus, args.per_gpu, args.jobs)
-        # An unknown study or an unreachable server: one line here, not one from every worker.
-        open_study(url, args.study)
+        # An unknown study or an unreachable server: one line here, not one from every worker. The
+        # task is imported by each worker, on its own device.
+        open_study(url, args.study, import_task=False)
         threads = args.threads
         print(f"supervising {len(slots)} workers on study {args.study} ({redact(url)})", flush=True)
         return supervisor.supervise(args.study, url, slots, first_index=args.worker_index or 0, threads=threads)
@@ -281,12 +289,28 @@ def _status(args: argparse.Namespace) -> int:
     if args.watch:
         live.watch(lambda: live.snapshot(study, config), interval=args.interval)
     elif args.json:
-        print(json.dumps(live.snapshot(study, config)))
+        print(_json(live.snapshot(study, config)))
     else:
         print(status_text(study, config))
         for line in live.status_lines(study, config):
             print(line)
     return 0
+
+
+def _json(data: object) -> str:
+    """JSON that every parser reads: a NaN or infinite value (a diverged trial's) becomes null,
+    where `json.dumps` would write NaN, which is not JSON."""
+
+    def finite(x: object) -> object:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(data), allow_nan=False)
 
 
 def _one_trial(study, config, number: int, as_json: bool) -> int:
@@ -299,7 +323,7 @@ def _one_trial(study, config, number: int, as_json: bool) -> int:
     if trial is None:
         raise StudyError(f"study {study.study_name} has no trial {number} (trials 0-{len(trials) - 1})" if trials
                          else f"study {study.study_name} has no trials yet")
-    print(scrub(json.dumps(trial_record(trial, config)) if as_json else trial_text(trial, config)))
+    print(scrub(_json(trial_record(trial, config)) if as_json else trial_text(trial, config)))
     return 0
 
 
@@ -309,7 +333,7 @@ def _best(args: argparse.Namespace) -> int:
     study, config = _open_study(args)
     if args.json:
         best = [{"number": t.number, "values": t.values, "params": params_of(t, config)} for t in best_trials(study)]
-        print(json.dumps(best))
+        print(_json(best))
     else:
         print(best_yaml(study, config), end="")
     return 0

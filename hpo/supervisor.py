@@ -52,11 +52,12 @@ def supervise(
 
     A worker that exits 0 (budget spent) or 130 (Ctrl-C) is done; one that crashes (killed,
     out of memory, an exit code other than those) is restarted, up to `max_restarts` times,
-    and its trial is picked up through the heartbeat like any lost trial. One that exits 2 said
-    why on its last line (the study gone, the storage unreachable beyond its patience): the same
-    command would fail the same way, so it is not restarted. Workers that ended so, or crashed
-    once too often, make the exit code that of the first of them (1 for one killed by a signal),
-    so a batch scheduler sees the failure.
+    and its trial is picked up through the heartbeat like any lost trial. One that exits 2 at its
+    first start said why on its last line (its task does not import, say): the same command would
+    fail the same way, so it is not restarted. (Exit 2 after a restart may be passing, a storage
+    server restarting: that counts as a crash.) Workers that ended so, or crashed once too often,
+    make the exit code that of the first of them (1 for one killed by a signal), so a batch
+    scheduler sees the failure.
     """
     stopping: list[int] = []
     failed: list[int] = []
@@ -80,14 +81,14 @@ def supervise(
                 slot.process = None
                 if code in (0, 130) or stopping:
                     continue
-                if code != EXIT_USAGE and slot.restarts < max_restarts:
+                if (code != EXIT_USAGE or slot.restarts > 0) and slot.restarts < max_restarts:
                     slot.restarts += 1
                     print(f"hpo: worker {slot.index} exited with {code}; restarting it ({slot.restarts}/{max_restarts})",
                           file=sys.stderr, flush=True)
                     _start(slot, study, storage_url, first_index, threads)
                     continue
                 failed.append(code if code > 0 else 1)
-                why = "" if code == EXIT_USAGE else f" after {slot.restarts} restarts"
+                why = f" after {slot.restarts} restarts" if slot.restarts else ""
                 print(f"hpo: worker {slot.index} exited with {code}{why}; not restarting it", file=sys.stderr, flush=True)
     finally:
         for s, handler in previous.items():

@@ -135,8 +135,8 @@ def test_a_run_whose_every_trial_failed_exits_1_with_the_traceback_and_status_sh
     run = hpo("run", str(path), "--storage", str(tmp_path / "hpo.journal"), cwd=tmp_path, env={"PYTHONPATH": str(code)})
     assert run.returncode == 1, run.stderr
     assert "raise ValueError('boom in the factory')" in run.stderr
-    assert run.stderr.rstrip().endswith("hpo: error: no trial completed: every one failed (trial 0 above; any trial: "
-                                        "hpo status --trial N --storage URL)")
+    assert run.stderr.rstrip().endswith("hpo: error: no trial of this run completed: every one failed (trial 0 above; "
+                                        "any trial: hpo status --study broken --storage URL --trial N)")
 
     # Read where the task's code is not importable: looking at a study needs none of it.
     one = hpo("status", "--trial", "1", "--storage", str(tmp_path / "hpo.journal"), cwd=tmp_path)

@@ -105,15 +105,17 @@ def test_supervised_workers_get_the_storage_url_outside_their_command_line(monke
     assert command[-4:] == ["--worker-index", "100", "--threads", "2"]
 
 
-def _workers_exiting_with(code: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Makes `supervise` start workers that exit with `code` at once; returns the list of slots started."""
+def _workers_exiting_with(code: int | list[int], monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Makes `supervise` start workers that exit at once with `code` (or with each of a list's codes
+    in turn, from one start to the next); returns the list of slots started."""
     from hpo import supervisor
 
     started: list[int] = []
+    codes = iter(code) if isinstance(code, list) else None
 
     def start(slot, *args) -> None:
         started.append(slot.index)
-        slot.process = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+        slot.process = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({next(codes) if codes else code})"])
 
     monkeypatch.setattr(supervisor, "_start", start)
     return started
@@ -125,6 +127,15 @@ def test_supervisor_does_not_restart_a_worker_that_reported_a_usage_error(monkey
     started = _workers_exiting_with(2, monkeypatch)
     assert supervisor.supervise("s", "redis://x", supervisor.slots(None, 1, 2)) == 2
     assert sorted(started) == [0, 1]
+
+
+def test_supervisor_restarts_a_worker_that_exits_2_after_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Started again after a crash, a worker may find the storage restarting: passing, not a usage error.
+    from hpo import supervisor
+
+    started = _workers_exiting_with([3, 2, 0], monkeypatch)
+    assert supervisor.supervise("s", "redis://x", supervisor.slots(None, 1, 1)) == 0
+    assert started == [0, 0, 0]
 
 
 def test_supervisor_gives_up_on_a_crashing_worker_and_fails(monkeypatch: pytest.MonkeyPatch) -> None:

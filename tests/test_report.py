@@ -96,6 +96,13 @@ def test_status_of_one_trial_shows_its_params_and_curve(journal):
     assert json.loads(hpo("status", "--trial", "4", "--json", "--storage", journal).stdout)["curve"] == [0.1, 0.2, 0.3, 0.9]
 
 
+def test_json_output_writes_a_nan_or_infinite_value_as_null():
+    from hpo import cli
+
+    text = cli._json({"curve": [float("nan"), 0.5, float("inf")], "values": (float("-inf"),), "n": 3})
+    assert json.loads(text) == {"curve": [None, 0.5, None], "values": [None], "n": 3}
+
+
 def test_best_and_studies_json(journal):
     best = json.loads(hpo("best", "--json", "--storage", journal).stdout)
     assert best[0]["number"] == 4

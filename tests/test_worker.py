@@ -321,6 +321,34 @@ def test_task_code_is_found_beside_the_study_file_from_any_working_directory(tmp
 
 
 
+def test_the_console_script_finds_a_task_in_the_working_directory_also_under_a_supervisor(tmp_path: Path) -> None:
+    # `python -m hpo` puts the working directory on sys.path; the installed `hpo` script does not.
+    script = Path(sys.executable).with_name("hpo")
+    assert script.exists(), "the package's console script (pip install -e .)"
+    path = write_study(tmp_path, "here", {"lr": 0.1}, n_trials=2)
+    url = str(tmp_path / "h.journal")
+    assert hpo("create", str(path), "--storage", url, cwd=tmp_path).returncode == 0
+    for extra in ([], ["--jobs", "1"]):
+        result = subprocess.run([str(script), "worker", "--study", "here", "--storage", url, *extra],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert len([t for t in optuna.load_study(study_name="here", storage=open_storage(url)).trials if t.state.is_finished()]) == 2
+
+
+def test_hpo_run_exits_1_when_none_of_its_own_trials_completed(tmp_path: Path) -> None:
+    url = str(tmp_path / "h.journal")
+
+    def run(mode: str, n_trials: int) -> subprocess.CompletedProcess:
+        path = write_study(tmp_path, "runs", {"mode": mode}, n_trials=n_trials)
+        return hpo("run", str(path), "--storage", url, "--resume", cwd=tmp_path)
+
+    assert run("ok", 1).returncode == 0
+    failing = run("boom", 3)  # the study has a completed trial, from the run before
+    assert failing.returncode == 1 and "ValueError: boom from the user's factory" in failing.stderr
+    assert "no trial of this run completed: every one failed (trial 1 above" in failing.stderr
+    assert run("ok", 4).returncode == 0  # failures of earlier runs are not this one's
+
+
 def test_signals_wait_for_a_safe_point_and_a_second_ctrl_c_stops_at_once() -> None:
     signals = worker.Signals()
     previous = signals.install()
