@@ -48,7 +48,8 @@ def snapshot(study: optuna.Study, config, now: datetime.datetime | None = None) 
         } for t in sorted(running, key=lambda t: t.number)],
         "workers": worker_rows(study, trials),
         "warnings": reliability.warnings,
-        "done": not running and not counts["WAITING"] and not coordinator.budget_left(config, trials, now),
+        # A queued trial past the spent budget never runs: it does not keep the study open.
+        "done": not running and not coordinator.budget_left(config, trials, now),
     }
 
 

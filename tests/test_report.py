@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import json
@@ -137,6 +138,22 @@ def test_live_view_shows_running_trials_with_epoch_and_latest_metric(tmp_path):
     assert frames.count("study live: 8/20 trials finished") == 2
     assert "#8    w3: epoch 1, val_accuracy 0.4500" in frames
     assert "best so far: trial #4: val_accuracy 0.9000" in frames
+
+
+def test_a_study_is_done_when_its_budget_is_spent_though_a_trial_is_still_queued(tmp_path):
+    # A retry queued once the budget had been spent (workers stop asking then) never runs: a
+    # watch that waited for it would never end.
+    storage = open_storage(str(tmp_path / "queued.journal"))
+    created = coordinator.create(load_config(str(write_yaml(tmp_path, "queued", n_trials=8))), storage)
+    created.study.add_trials(hand_trials())
+    study, config = coordinator.load("queued", storage)
+    assert live.snapshot(study, config)["done"] is True
+    study.enqueue_trial({"lr": 0.05})
+    snap = live.snapshot(study, config)
+    assert snap["counts"]["WAITING"] == 1 and snap["done"] is True
+    # With the budget not spent, the queued trial is still to run.
+    config = dataclasses.replace(config, study=dataclasses.replace(config.study, n_trials=9))
+    assert live.snapshot(study, config)["done"] is False
 
 
 def test_status_never_shows_a_storage_password():
