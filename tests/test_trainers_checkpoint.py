@@ -311,6 +311,12 @@ def test_a_writer_process_that_dies_fails_the_fit_and_the_next_fit_gets_a_new_on
     process = writer.start()
 
     class KillWriter:
+        # Stopped before epoch 1's checkpoint is handed over, so that it is surely in flight when
+        # the writer dies (one that dies between writes is replaced by the next, and nothing is lost).
+        def on_epoch_end(self, state) -> None:
+            if state.epoch == 1:
+                process._process.send_signal(signal.SIGSTOP)
+
         def on_epoch_start(self, state) -> None:
             if state.epoch == 2:
                 process._process.kill()

@@ -602,8 +602,8 @@ class StackedTrainer:
             return
         order = torch.randperm(n, generator=self.generator).to(self.device) if self.config.shuffle else None
         for start in range(0, n, size):
-            if order is None:
-                yield x[start:start + size], y[start:start + size], True
+            if order is None:  # copies, as `trainers.data.batches` gives: never a view of the data
+                yield x[start:start + size].clone(), y[start:start + size].clone(), True
             else:
                 index = order[start:start + size]
                 yield x[index], y[index], True
@@ -697,7 +697,7 @@ class StackedTrainer:
         sums: dict[str, torch.Tensor] = {}  # each [K]: the group's sums in one tensor per metric
         size = self.config.eval_batch_size
         for start in range(0, len(x_all), size):
-            x, y = x_all[start:start + size], y_all[start:start + size]
+            x, y = x_all[start:start + size].clone(), y_all[start:start + size].clone()
             with self.autocast():
                 out = self.model(x)
             if self.kind == "classification":
