@@ -126,24 +126,3 @@ def test_status_best_studies_and_plot_after_a_run(tmp_path: Path) -> None:
     html = (tmp_path / "imp.html").read_text()
     assert "Hyperparameter importance of inspect" in html and "<script src=\"https://cdn" not in html
 
-
-def test_a_run_whose_every_trial_failed_exits_1_with_the_traceback_and_status_shows_any_trial(tmp_path: Path) -> None:
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "broken_task.py").write_text("def model(params):\n    raise ValueError('boom in the factory')\n")
-    path = study_file(tmp_path, "broken", study={"n_trials": 2}, task={"model": "broken_task:model"})
-    run = hpo("run", str(path), "--storage", str(tmp_path / "hpo.journal"), cwd=tmp_path, env={"PYTHONPATH": str(code)})
-    assert run.returncode == 1, run.stderr
-    assert "raise ValueError('boom in the factory')" in run.stderr
-    assert run.stderr.rstrip().endswith("hpo: error: no trial of this run completed: every one failed (trial 0 above; "
-                                        "any trial: hpo status --study broken --storage URL --trial N)")
-
-    # Read where the task's code is not importable: looking at a study needs none of it.
-    one = hpo("status", "--trial", "1", "--storage", str(tmp_path / "hpo.journal"), cwd=tmp_path)
-    assert one.returncode == 0, one.stderr
-    assert one.stdout.startswith("trial    1 fail  ValueError: boom in the factory\n")
-    assert "broken_task.py\", line 2, in model" in one.stdout
-    record = json.loads(hpo("status", "--trial", "0", "--json", "--storage", str(tmp_path / "hpo.journal"), cwd=tmp_path).stdout)
-    assert record["state"] == "fail" and record["reason"] == "ValueError: boom in the factory" and record["traceback"]
-    missing = hpo("status", "--trial", "7", "--storage", str(tmp_path / "hpo.journal"), cwd=tmp_path)
-    assert (missing.returncode, missing.stderr) == (2, "hpo: error: study broken has no trial 7 (trials 0-1)\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -344,8 +345,23 @@ def test_hpo_run_exits_1_when_none_of_its_own_trials_completed(tmp_path: Path) -
 
     assert run("ok", 1).returncode == 0
     failing = run("boom", 3)  # the study has a completed trial, from the run before
-    assert failing.returncode == 1 and "ValueError: boom from the user's factory" in failing.stderr
-    assert "no trial of this run completed: every one failed (trial 1 above" in failing.stderr
+    assert failing.returncode == 1, failing.stderr
+    assert "raise ValueError(\"boom from the user's factory\")" in failing.stderr  # the traceback
+    assert failing.stderr.rstrip().endswith("hpo: error: no trial of this run completed: every one failed (trial 1 above; "
+                                            "any trial: hpo status --study runs --storage URL --trial N)")
+
+    # Looking at a study needs none of the task's code: read from where it does not import.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    one = hpo("status", "--trial", "2", "--storage", url, cwd=elsewhere)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.startswith("trial    2 fail  ValueError: boom from the user's factory\n  mode: boom\n")
+    assert "usertask.py\", line 25, in model" in one.stdout
+    record = json.loads(hpo("status", "--trial", "2", "--json", "--storage", url, cwd=elsewhere).stdout)
+    assert record["state"] == "fail" and record["reason"] == "ValueError: boom from the user's factory" and record["traceback"]
+    missing = hpo("status", "--trial", "7", "--storage", url, cwd=elsewhere)
+    assert (missing.returncode, missing.stderr) == (2, "hpo: error: study runs has no trial 7 (trials 0-2)\n")
+
     assert run("ok", 4).returncode == 0  # failures of earlier runs are not this one's
 
 
