@@ -134,33 +134,37 @@ def plain_worker(label: str, url: str, name: str, index: int, n_trials: int, rea
     out.put((time.perf_counter(), slept, time.process_time() - cpu))
 
 
-def hpo_worker(label: str, url: str, name: str, index: int, n_trials: int, ready, go, out) -> None:
-    from hpo import worker
-
+def count_sleeps() -> list[float]:
+    """Wraps the task's train step to count the sleeps it runs (the loop imports it by name from
+    the task's module); returns a one-element list holding the seconds slept so far. And pays a
+    process's first torch optimizer before the start (it imports torch._dynamo, about a second: a
+    cost of any PyTorch objective, as the plain side pays its imports before)."""
     sys.path.insert(0, os.environ["HPO_BENCH_TASK_DIR"])
     import bench_workers_task as task
+    import torch
 
-    slept = 0.0
+    slept = [0.0]
     original = task.train_step
 
     def counted_step(model, batch):
-        nonlocal slept
-        slept += STEP_S
+        slept[0] += STEP_S
         return original(model, batch)
 
-    # The worker imports the train step by name from this module: count the sleeps it runs.
     task.train_step = counted_step
-    # A process's first torch optimizer imports torch._dynamo (about a second): a cost of any
-    # PyTorch objective, paid here before the start as the plain side pays its imports.
-    import torch
-
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    return slept
+
+
+def hpo_worker(label: str, url: str, name: str, index: int, n_trials: int, ready, go, out) -> None:
+    from hpo import worker
+
+    slept = count_sleeps()
     import_driver(label)
     ready.put(index)
     go.wait()
     cpu = time.process_time()
     worker.run_worker(name, url, index=index, threads=1)
-    out.put((time.perf_counter(), slept, time.process_time() - cpu))
+    out.put((time.perf_counter(), slept[0], time.process_time() - cpu))
 
 
 def loop_worker(label: str, path: str, name: str, index: int, n_trials: int, ready, go, out, epochs: list[int]) -> None:
@@ -172,23 +176,9 @@ def loop_worker(label: str, path: str, name: str, index: int, n_trials: int, rea
     from hpo import objective
     from hpo.config import load_config
 
-    sys.path.insert(0, os.environ["HPO_BENCH_TASK_DIR"])
-    import bench_workers_task as task_module
-
-    slept = 0.0
-    original = task_module.train_step
-
-    def counted_step(model, batch):
-        nonlocal slept
-        slept += STEP_S
-        return original(model, batch)
-
-    task_module.train_step = counted_step
+    slept = count_sleeps()
     config = load_config(path)
     task = objective.prepare(config)
-    import torch
-
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     ready.put(index)
     go.wait()
     cpu = time.process_time()
@@ -199,7 +189,7 @@ def loop_worker(label: str, path: str, name: str, index: int, n_trials: int, rea
         trainers.fit(task.model(params, data), data,
                      dataclasses.replace(config.trainer, seed=number, threads=1, epochs=n_epochs),
                      hparams=params, kind=config.task.kind, train_step=task.train_step, eval_step=task.eval_step)
-    out.put((time.perf_counter(), slept, time.process_time() - cpu))
+    out.put((time.perf_counter(), slept[0], time.process_time() - cpu))
 
 
 def side(target, label: str, url: str, name: str, workers: int, n_trials: int,
