@@ -47,7 +47,6 @@ def trial_record(trial: FrozenTrial, config: Config) -> dict[str, Any]:
         "state": trial.state.name.lower(),
         "values": trial.values,
         "params": params_of(trial, config),
-        "epochs_reported": len(trial.intermediate_values),
         "curve": [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)],
         "worker": trial.user_attrs.get("hpo:worker"),
         "started": trial.datetime_start.isoformat() if trial.datetime_start else None,

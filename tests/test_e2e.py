@@ -125,4 +125,3 @@ def test_status_best_studies_and_plot_after_a_run(tmp_path: Path) -> None:
     assert plot.returncode == 0, plot.stderr
     html = (tmp_path / "imp.html").read_text()
     assert "Hyperparameter importance of inspect" in html and "<script src=\"https://cdn" not in html
-
