@@ -342,10 +342,10 @@ def _best(args: argparse.Namespace) -> int:
 def _studies(args: argparse.Namespace) -> int:
     import optuna
 
-    from hpo.storage import open_storage
+    from hpo.storage import open_storage, redact, resolve_url
 
     rows = []
-    for s in optuna.get_all_study_summaries(open_storage(args.storage), include_best_trial=True):
+    for s in optuna.get_all_study_summaries(open_storage(args.storage, existing=True), include_best_trial=True):
         best = s.best_trial.values if s.best_trial is not None else None
         rows.append({"study": s.study_name, "trials": s.n_trials, "directions": [d.name.lower() for d in s.directions], "best": best})
     if args.json:
@@ -353,6 +353,8 @@ def _studies(args: argparse.Namespace) -> int:
     for r in [] if args.json else rows:
         best = ", ".join(f"{v:.4f}" for v in r["best"]) if r["best"] else "-"
         print(f"{r['study']}: {r['trials']} trials, {'/'.join(r['directions'])}, best {best}")
+    if not rows and not args.json:
+        print(f"no studies in {redact(resolve_url(args.storage))}")
     return 0
 
 

@@ -96,7 +96,7 @@ def open_study(url: str | None, name: str | None, *, import_task: bool = True) -
     On RDB storages the heartbeat settings come from the study's config, so the storage is
     opened again with them once the config is read.
     """
-    storage = open_storage(url)
+    storage = open_storage(url, existing=True)
     if name is None:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
         if len(names) != 1:

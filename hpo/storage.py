@@ -64,11 +64,13 @@ def resolve_url(url: str | None) -> str:
 Heartbeat = tuple[int, int, Callable[..., None]]
 
 
-def open_storage(url: str | None = None, *, heartbeat: Heartbeat | None = None) -> BaseStorage:
+def open_storage(url: str | None = None, *, heartbeat: Heartbeat | None = None, existing: bool = False) -> BaseStorage:
     """The storage for `url` (see the module docstring); raises `StorageError`.
 
     `heartbeat` (interval s, grace s, stale-trial callback) switches on Optuna's trial
     heartbeat where the storage has one (RDB); journal storages use hpo's (`hpo.heartbeat`).
+    `existing`: a journal file must be there already (for the commands that read or join a
+    study, where a mistyped path would otherwise leave an empty file and report no studies).
     """
     url = resolve_url(url)
     _remember_password(url)
@@ -76,7 +78,7 @@ def open_storage(url: str | None = None, *, heartbeat: Heartbeat | None = None) 
     scheme = match.group(1).lower() if match else None
     try:
         if scheme is None:
-            return _journal_file(url)
+            return _journal_file(url, existing)
         if scheme in ("redis", "rediss"):
             return _redis(url)
         if scheme.split("+")[0] in _RDB_SCHEMES:
@@ -195,7 +197,9 @@ def scrub(text: str) -> str:
     return text
 
 
-def _journal_file(path: str) -> BaseStorage:
+def _journal_file(path: str, existing: bool = False) -> BaseStorage:
+    if existing and not os.path.exists(path):
+        raise StorageError(f"no journal file {path} (hpo run or hpo create makes one; elsewhere, say --storage)")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise StorageError(f"cannot create journal file {path}: folder {directory} does not exist")

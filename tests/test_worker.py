@@ -311,6 +311,19 @@ def test_unknown_study_is_one_line(tmp_path: Path) -> None:
     assert result.stderr == "hpo: error: no study named 'unknwn' (studies here: known)\n"
 
 
+def test_a_mistyped_journal_path_is_one_line_and_makes_no_file(tmp_path: Path) -> None:
+    url = str(tmp_path / "typo.journal")
+    for command in (["status"], ["studies"], ["worker", "--study", "s"]):
+        result = hpo(*command, "--storage", url, cwd=tmp_path)
+        assert (result.returncode, result.stderr) == (2, f"hpo: error: no journal file {url} (hpo run or hpo create makes one; "
+                                                         "elsewhere, say --storage)\n"), command
+    assert not (tmp_path / "typo.journal").exists()
+    write = write_study(tmp_path, "known", {"lr": 0.1})
+    assert hpo("create", str(write), "--storage", url).returncode == 0  # a study is created where none was
+    optuna.delete_study(study_name="known", storage=open_storage(url))
+    assert hpo("studies", "--storage", url).stdout == f"no studies in {url}\n"
+
+
 def test_task_code_is_found_beside_the_study_file_from_any_working_directory(tmp_path: Path) -> None:
     project = tmp_path / "elsewhere"
     project.mkdir()
