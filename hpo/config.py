@@ -19,7 +19,7 @@ from typing import Any
 from hpo import samplers, yamlfile
 from hpo import space as space_mod
 from hpo import task as task_mod
-from trainers import METRICS, TrainerConfig
+from trainers.config import METRICS, TrainerConfig
 
 SECTIONS = {"study", "trainer", "task", "space", "baseline"}
 STUDY_KEYS = {"name", "direction", "directions", "metric", "metrics", "n_trials", "timeout", "seed", "sampler", "pruner",

@@ -7,6 +7,8 @@ import datetime
 import io
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 from inspect_studies import hand_trials, hpo, stored_hand_study, write_yaml
@@ -102,6 +104,13 @@ def test_json_output_writes_a_nan_or_infinite_value_as_null():
 
     text = cli._json({"curve": [float("nan"), 0.5, float("inf")], "values": (float("-inf"),), "n": 3})
     assert json.loads(text) == {"curve": [None, 0.5, None], "values": [None], "n": 3}
+
+
+def test_reading_a_study_imports_no_torch(journal):
+    # torch takes a second or two to import: `hpo status` and the other readers do without it.
+    code = f"import sys; from hpo import cli; code = cli.main(['status', '--storage', {journal!r}]); print(code, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "0 False", out.stderr
 
 
 def test_best_and_studies_json(journal):

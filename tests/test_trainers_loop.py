@@ -45,6 +45,13 @@ def scripted_eval(values: list[float]):
     return eval_step
 
 
+def test_the_package_exports_what_it_lists_and_its_submodules_as_attributes() -> None:
+    assert all(getattr(trainers, name) is not None for name in trainers.__all__)
+    assert trainers.load_checkpoint is trainers.checkpoint.load and trainers.metrics.in_top_k is metrics.in_top_k
+    with pytest.raises(AttributeError):
+        trainers.no_such_name  # noqa: B018
+
+
 def test_events_fire_in_the_documented_order() -> None:
     recorder = Recorder()
     trainers.fit(make_model(), make_data(), trainers.TrainerConfig(epochs=2, batch_size=32, device="cpu"), [recorder])

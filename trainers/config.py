@@ -8,6 +8,13 @@ from typing import Any
 PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
 LOGGERS = ("csv", "tensorboard", "mlflow")
 
+# The metric names each kind reports by default, as the loop names them (train_* and val_*);
+# the top-k name follows TrainerConfig.top_k (5 by default). Here, beside the config, so that
+# reading them needs no torch.
+METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("train_loss", "val_loss", "val_accuracy", "val_top5_accuracy", "val_f1"),
+    "regression": ("train_loss", "val_loss", "val_mse", "val_mae"),
+}
 
 @dataclass(frozen=True)
 class TrainerConfig:

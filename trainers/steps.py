@@ -14,6 +14,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from trainers.config import METRICS  # noqa: F401  (here too: the steps report these)
 from trainers.metrics import classification_sums, regression_sums
 
 TrainStep = Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
@@ -51,12 +52,6 @@ _STEPS: dict[str, tuple[TrainStep, EvalStep]] = {
     "regression": (regression_train_step, regression_eval_step),
 }
 
-# The metric names each kind reports by default, as the loop names them (train_* and val_*);
-# the top-k name follows TrainerConfig.top_k (5 by default).
-METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("train_loss", "val_loss", "val_accuracy", "val_top5_accuracy", "val_f1"),
-    "regression": ("train_loss", "val_loss", "val_mse", "val_mae"),
-}
 
 
 def train_step_for(kind: str, *, label_smoothing: float = 0.0) -> TrainStep:
