@@ -100,8 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--storage", help=storage_help)
         sub.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "status":
-            sub.add_argument("--trial", type=int, metavar="N", help="one trial in full: params, curve, attempts, traceback")
-            sub.add_argument("--watch", action="store_true", help="live view, redrawn until the study is done (Ctrl-C to stop)")
+            view = sub.add_mutually_exclusive_group()
+            view.add_argument("--trial", type=int, metavar="N", help="one trial in full: params, curve, attempts, traceback")
+            view.add_argument("--watch", action="store_true", help="live view, redrawn until the study is done (Ctrl-C to stop)")
             sub.add_argument("--interval", type=float, default=2.0, help="seconds between redraws with --watch (default 2)")
 
     studies = command("studies", _studies, "list the studies in a storage")
