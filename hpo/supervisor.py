@@ -10,8 +10,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-# A worker's exit code for an error that it reported in one line and that a restart would repeat.
-EXIT_USAGE = 2
+# A worker's exit code for an error that it reported in one line, which a restart may repeat.
+from hpo.cli import EXIT_USAGE
 
 
 class SupervisorError(ValueError):

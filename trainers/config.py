@@ -16,6 +16,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "regression": ("train_loss", "val_loss", "val_mse", "val_mae"),
 }
 
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """Settings of one training run.
