@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -175,3 +176,28 @@ def test_a_pooled_connection_the_server_dropped_is_replaced(postgres_url: str, m
         fast.set_trial_intermediate_value(trial_id, 1, 2.0)
     fast.set_trial_intermediate_value(trial_id, 1, 2.0)
     assert fast.get_trial(trial_id).intermediate_values == {0: 1.0, 1: 2.0}
+
+
+def test_trials_made_at_once_by_several_processes_get_distinct_numbers(db_url: str) -> None:
+    """hpo numbers a trial in its insert, Optuna after it; both under the study's row lock, so
+    however the two kinds of writers interleave, the numbers are 0..n-1 in the order of the ids."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite takes one writer at a time: nothing interleaves")
+    name = f"race-{uuid.uuid4().hex[:6]}"
+    study_id = FastRDBStorage(db_url).create_new_study([optuna.study.StudyDirection.MINIMIZE], name)
+    storages = [FastRDBStorage(db_url) for _ in range(3)] + [RDBStorage(db_url)]
+    start = threading.Barrier(len(storages))
+
+    def make(storage: Any) -> None:
+        start.wait()
+        for _ in range(15):
+            storage.create_new_trial(study_id)
+
+    threads = [threading.Thread(target=make, args=(s,)) for s in storages]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    trials = RDBStorage(db_url).get_all_trials(study_id)
+    assert sorted(t._trial_id for t in trials) == [t._trial_id for t in trials]
+    assert [t.number for t in trials] == list(range(len(storages) * 15))
