@@ -164,6 +164,9 @@ def _rdb_lock(storage: RDBStorage, key: str) -> Iterator[None]:
     name = f"hpo:ask:{zlib.crc32(key.encode()):08x}"  # MySQL lock names: 64 characters at most
     with engine.connect() as conn:
         if dialect == "postgresql":
+            # A session's advisory lock needs no transaction: in autocommit psycopg sends no BEGIN
+            # and COMMIT, two of a trial's round trips.
+            conn.execution_options(isolation_level="AUTOCOMMIT")
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": number})
             release = sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": number}
         elif dialect in ("mysql", "mariadb"):
