@@ -243,18 +243,26 @@ class FastRDBStorage(RDBStorage):
 
     def _finish(self, trial_id: int, state: TrialState, values: Sequence[float] | None) -> bool:
         """`set_trial_state_values` to a finished state: the update of the trial's row, made only
-        while it is unfinished, is the check that Optuna's read of the row makes first."""
+        while it is unfinished, is the check that Optuna's read of the row makes first. With no
+        value, or one on PostgreSQL (which writes it in the same statement), it is one statement."""
+        now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+        row: dict[str, Any] = {"id": trial_id, "state_": state, "complete": now}
+        one = not values or (len(values) == 1 and self._dialect == "postgresql")
         try:
-            with self._transaction() as conn:
-                now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-                change = {"id": trial_id, "state": state, "datetime_complete": now}
-                if conn.execute(_FINISH, change, execution_options={"preserve_rowcount": True}).rowcount == 0:
+            with self._transaction(single=one) as conn:
+                if values and one:
+                    row["value"], row["value_type"] = models.TrialValueModel.value_to_stored_repr(values[0])
+                    done = conn.execute(_finish_with_value(), row, execution_options={"preserve_rowcount": True}).rowcount
+                else:
+                    done = conn.execute(_FINISH, row, execution_options={"preserve_rowcount": True}).rowcount
+                    if done:
+                        self._write_values(conn, trial_id, values)
+                if not done:
                     found = conn.execute(_STATE, {"id": trial_id}).first()
                     if found is None:
                         raise KeyError(models.NOT_FOUND_MSG)
                     self.check_trial_is_updatable(trial_id, found.state)
                     return False  # not expected: a finished trial stays finished
-                self._write_values(conn, trial_id, values)
         except sqlalchemy.exc.IntegrityError:
             return False
         return True
@@ -360,7 +368,9 @@ _STATE = sqlalchemy.select(_TRIALS.c.study_id, _TRIALS.c.state).where(_BY_ID)
 _STATE_LOCKED = _STATE.with_for_update()
 _NEW_TRIAL = _TRIALS.insert()  # the columns are those given
 _SET_TRIAL = _TRIALS.update().where(_BY_ID)  # sets the columns given besides "id"
-_FINISH = _TRIALS.update().where(_BY_ID, _TRIALS.c.state.in_(_UNFINISHED))
+_FINISH = _TRIALS.update().where(_BY_ID, _TRIALS.c.state.in_(_UNFINISHED)).values(
+    state=sqlalchemy.bindparam("state_", type_=_TRIALS.c.state.type),
+    datetime_complete=sqlalchemy.bindparam("complete", type_=_TRIALS.c.datetime_complete.type))
 _EARLIER = sqlalchemy.select(sqlalchemy.func.count(_TRIALS.c.trial_id)).where(
     _TRIALS.c.study_id == sqlalchemy.bindparam("study_id"), _TRIALS.c.trial_id < sqlalchemy.bindparam("id"))
 _NEW_PARAM = _PARAMS.insert()
@@ -408,6 +418,19 @@ def _new_param(dialect: str) -> sqlalchemy.Executable:
 
 
 @functools.cache
+def _finish_with_value() -> sqlalchemy.Executable:
+    """PostgreSQL: `_FINISH` and the upsert of its one objective's "value" and "value_type", which
+    writes a row only where the update did (a data-modifying WITH)."""
+    done = _FINISH.returning(_TRIALS.c.trial_id).cte("done")
+    columns = ["trial_id", "objective", "value", "value_type"]
+    insert = postgresql.insert(_VALUES).add_cte(done).from_select(columns, sqlalchemy.select(
+        done.c.trial_id, sqlalchemy.literal(0, sqlalchemy.Integer()).label("objective"),
+        *(sqlalchemy.bindparam(c, type_=_VALUES.c[c].type).label(c) for c in columns[2:])))
+    return insert.on_conflict_do_update(index_elements=columns[:2],
+                                        set_={c: insert.excluded[c] for c in columns[2:]})
+
+
+@functools.cache
 def _heartbeat(dialect: str) -> sqlalchemy.Executable:
     now = sqlalchemy.func.current_timestamp()
     insert = _INSERTS[dialect](_HEARTBEATS).values(trial_id=sqlalchemy.bindparam("trial_id"), heartbeat=now)
@@ -448,7 +471,8 @@ def _read_trials(conn: sqlalchemy.Connection, query: sqlalchemy.Select, params: 
     object per row."""
     trials: list[tuple[Any, ...]] = []
     parts: dict[int, tuple[dict, ...]] = {}
-    for kind, trial_id, number, name, value, text, start, complete in conn.execute(query, params):
+    # Fetched at once: row by row, SQLAlchemy and psycopg cost a fifth of a read's CPU.
+    for kind, trial_id, number, name, value, text, start, complete in conn.execute(query, params).all():
         if kind == _ROW:
             trials.append((trial_id, number, TrialState[text], start, complete))
             parts[trial_id] = ({}, {}, {}, {}, {}, {})

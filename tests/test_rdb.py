@@ -65,6 +65,8 @@ def script(storage: Any, study_id: int) -> list[int]:
     assert not storage.set_trial_state_values(running, TrialState.RUNNING)  # already running
     assert storage.set_trial_state_values(waiting, TrialState.RUNNING)
     storage.set_trial_user_attr(waiting, "note", None)
+    pruned = storage.create_new_trial(study_id)
+    assert storage.set_trial_state_values(pruned, TrialState.PRUNED, [0.25])  # one value: one statement on PostgreSQL
     return [first, second, waiting]
 
 
@@ -93,7 +95,7 @@ def test_the_fast_path_writes_and_reads_what_optunas_orm_does(db_url: str) -> No
         # What Optuna's cache asks for: trials past an id, and some older ones again.
         ids = [t._trial_id for t in reference]
         again = fast._get_trials(study_id, None, {ids[0]}, ids[3])
-        assert [t._trial_id for t in again] == [ids[0], ids[4], ids[5]]
+        assert [t._trial_id for t in again] == [ids[0], *ids[4:]]
 
 
 def test_the_fast_path_raises_what_optuna_raises(db_url: str) -> None:
@@ -113,13 +115,17 @@ def test_the_fast_path_raises_what_optuna_raises(db_url: str) -> None:
     for write in (lambda: fast.set_trial_intermediate_value(trial, 0, 1.0),
                   lambda: fast.set_trial_user_attr(trial, "k", 1),
                   lambda: fast.set_trial_param(trial, "y", 0.5, FloatDistribution(0, 1)),
-                  lambda: fast.set_trial_state_values(trial, TrialState.FAIL)):
+                  lambda: fast.set_trial_state_values(trial, TrialState.FAIL),
+                  lambda: fast.set_trial_state_values(trial, TrialState.COMPLETE, [2.0])):
         with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
             write()
     with pytest.raises(KeyError):
         fast.get_trial(10**9)
     with pytest.raises(KeyError):
         fast.set_trial_intermediate_value(10**9, 0, 1.0)
+    with pytest.raises(KeyError):
+        fast.set_trial_state_values(10**9, TrialState.COMPLETE, [1.0])
+    assert fast.get_trial(trial).values == [1.0]
     with pytest.raises(KeyError):
         fast.get_all_trials(10**9)
 
