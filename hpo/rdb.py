@@ -7,10 +7,12 @@ and each report, parameter, attribute and state change loaded the trial's ORM ob
 own table objects (`optuna.storages._rdb.models`), so column names, types and enums are
 Optuna's, and Optuna's CLI, dashboard and `RDBStorage` read what it writes.
 
-Each statement is built once and run with parameters. A read is one statement; a write of a
-trial's row or child row carries its own check that the trial is unfinished, instead of a read
-before it; a trial is numbered in its insert. A trial of `scripts/bench_workers.py` sends 18.5
-statements, where it sent 26.5 built at each call.
+The statements of the calls made per trial are built once and run with parameters. A read is one
+statement. A report, an attribute, a result, and a parameter of a trial this process made or read
+carry their own check that the trial is unfinished, instead of a read before them. A trial is
+numbered in its insert where the database returns inserted rows (PostgreSQL, SQLite, MariaDB 10.5
+and later; MySQL counts after the insert, as Optuna does). A trial of `scripts/bench_workers.py`
+sends 17.5 statements on PostgreSQL, where it sent 26.5 built at each call.
 
 It keeps Optuna's semantics: the trial must exist (`KeyError`) and be unfinished
 (`UpdateFinishedTrialError`); a duplicate parameter, report or attribute write that loses a race
@@ -119,7 +121,7 @@ class FastRDBStorage(RDBStorage):
         row = {"sid": study_id, "state_": state, "start": start, "complete": complete}
         if conn.dialect.insert_returning:
             trial_id, number = conn.execute(_NEW_NUMBERED_TRIAL, row).one()
-        else:  # MySQL: numbered by a count once the row is in, as Optuna does
+        else:  # no INSERT ... RETURNING (MySQL, MariaDB before 10.5): counted once the row is in, as Optuna does
             trial_id = conn.execute(_NEW_TRIAL, {"study_id": study_id, "number": None, "state": state,
                                                  "datetime_start": start, "datetime_complete": complete}
                                     ).inserted_primary_key[0]
@@ -154,9 +156,11 @@ class FastRDBStorage(RDBStorage):
 
     def _check_distribution(self, conn: sqlalchemy.Connection | None, study_id: int, name: str,
                             distribution: distributions.BaseDistribution,
-                            previous: distributions.BaseDistribution | None) -> None:
+                            previous: distributions.BaseDistribution | None, record: bool = True) -> None:
         """Raises where `distribution` cannot share parameter `name` with the study's earlier trials.
-        Reads them on `conn` (None: a connection of its own) unless this process has seen `name`."""
+        Reads them on `conn` (None: a connection of its own) unless this process has seen `name`.
+        Remembers the study's distribution for `name`: the earlier trials' or, with `record`,
+        this one (the caller without `record` writes it first)."""
         if previous is None:
             previous = self._distributions.get((study_id, name))
         if previous is None:
@@ -171,8 +175,10 @@ class FastRDBStorage(RDBStorage):
             if row is not None:
                 previous = _distribution(row[0])
         if previous is not None:
+            self._distributions.setdefault((study_id, name), previous)
             distributions.check_distribution_compatibility(previous, distribution)
-        self._distributions.setdefault((study_id, name), previous or distribution)
+        elif record:
+            self._distributions.setdefault((study_id, name), distribution)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         value, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(intermediate_value)
@@ -202,12 +208,16 @@ class FastRDBStorage(RDBStorage):
         trial_id = row["trial_id"]
         with self._transaction(ignore_integrity_error=True, single=True) as conn:
             # SQLAlchemy keeps an INSERT's row count only when asked.
-            if conn.execute(statement, row, execution_options={"preserve_rowcount": True}).rowcount > 0:
-                return
-            found = conn.execute(_STATE, {"id": trial_id}).first()
-            if found is None:
-                raise KeyError(models.NOT_FOUND_MSG)
-            self.check_trial_is_updatable(trial_id, found.state)
+            if conn.execute(statement, row, execution_options={"preserve_rowcount": True}).rowcount == 0:
+                self._check_updatable(conn, trial_id)
+
+    def _check_updatable(self, conn: sqlalchemy.Connection, trial_id: int) -> None:
+        """Raises what Optuna raises for a write to the trial: `KeyError` where there is none,
+        `UpdateFinishedTrialError` where it is finished."""
+        found = conn.execute(_STATE, {"id": trial_id}).first()
+        if found is None:
+            raise KeyError(models.NOT_FOUND_MSG)
+        self.check_trial_is_updatable(trial_id, found.state)
 
     def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                          distribution: distributions.BaseDistribution,
@@ -221,9 +231,17 @@ class FastRDBStorage(RDBStorage):
                 self._check_distribution(conn, trial.study_id, param_name, distribution, previous_distribution)
                 conn.execute(_NEW_PARAM, row)
             return
-        # The distribution is checked before the write, which is then one statement.
-        self._check_distribution(None, study_id, param_name, distribution, previous_distribution)
+        # The distribution is checked before the write, which is then one statement. As Optuna,
+        # a finished or unknown trial is the error rather than the distribution; and only a
+        # distribution written is the one the parameter's later ones must match.
+        try:
+            self._check_distribution(None, study_id, param_name, distribution, previous_distribution, record=False)
+        except ValueError:
+            with self._transaction(single=True) as conn:
+                self._check_updatable(conn, trial_id)
+            raise
         self._write_unfinished(_new_param(self._dialect), row)
+        self._distributions.setdefault((study_id, param_name), distribution)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         if state.is_finished():
@@ -258,10 +276,7 @@ class FastRDBStorage(RDBStorage):
                     if done:
                         self._write_values(conn, trial_id, values)
                 if not done:
-                    found = conn.execute(_STATE, {"id": trial_id}).first()
-                    if found is None:
-                        raise KeyError(models.NOT_FOUND_MSG)
-                    self.check_trial_is_updatable(trial_id, found.state)
+                    self._check_updatable(conn, trial_id)
                     return False  # not expected: a finished trial stays finished
         except sqlalchemy.exc.IntegrityError:
             return False
@@ -375,7 +390,8 @@ _EARLIER = sqlalchemy.select(sqlalchemy.func.count(_TRIALS.c.trial_id)).where(
     _TRIALS.c.study_id == sqlalchemy.bindparam("study_id"), _TRIALS.c.trial_id < sqlalchemy.bindparam("id"))
 _NEW_PARAM = _PARAMS.insert()
 # A trial's row, numbered as it is made by the count of the study's trials: the study's row lock,
-# which the caller holds (as Optuna's does), keeps two from counting the same.
+# which the caller holds (as Optuna's does), keeps two from counting the same (on SQLite, its one
+# writer at a time).
 _NEW_NUMBERED_TRIAL = _TRIALS.insert().values(
     number=sqlalchemy.select(sqlalchemy.func.count(_TRIALS.c.trial_id))
     .where(_TRIALS.c.study_id == sqlalchemy.bindparam("sid")).scalar_subquery(),
