@@ -267,6 +267,12 @@ def _worker(args: argparse.Namespace) -> int:
     print(f"worker {summary.worker} done: {done}", flush=True)
     if summary.interrupted:
         return EXIT_INTERRUPTED if summary.interrupted == "SIGINT" else 0
+    if summary.all_failed():
+        # A scheduler (a Slurm array, a Kubernetes Job) then shows the failure, as for `hpo run`.
+        where = "" if args.storage is None else " --storage URL"
+        print(f"hpo: error: every trial this worker ran failed; why: hpo status --study {args.study}{where} "
+              f"--trial {summary.first_failed}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -320,7 +320,7 @@ class Population:
                           "handing back a trial", self.patience)
 
     def _told(self, member: Member, state: TrialState) -> None:
-        self.summary.states[state.name] = self.summary.states.get(state.name, 0) + 1
+        self.summary.count(member.trial.number, state)
         if self.on_trial is not None:
             frozen = persist(partial(self.study._storage.get_trial, member.trial._trial_id), "reading a trial", self.patience)
             self.on_trial(frozen, self.config)

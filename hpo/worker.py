@@ -81,6 +81,16 @@ class Summary:
     worker: str
     states: dict[str, int] = field(default_factory=dict)
     interrupted: str | None = None  # the signal that stopped the worker, if any
+    first_failed: int | None = None  # the number of the first of its trials that failed
+
+    def count(self, number: int, state: TrialState) -> None:
+        self.states[state.name] = self.states.get(state.name, 0) + 1
+        if state == TrialState.FAIL and self.first_failed is None:
+            self.first_failed = number
+
+    def all_failed(self) -> bool:
+        """Whether it ran trials and every one failed: nothing to show for the worker."""
+        return self.first_failed is not None and not ({"COMPLETE", "PRUNED"} & self.states.keys())
 
 
 def identity(index: int | None) -> str:
@@ -256,7 +266,7 @@ def _told(tell: Callable[[], TrialState], trial: optuna.Trial, summary: Summary,
         state = tell()
     finally:
         beat.told(trial)
-    summary.states[state.name] = summary.states.get(state.name, 0) + 1
+    summary.count(trial.number, state)
     if on_trial is not None:
         on_trial(persist(partial(trial.storage.get_trial, trial._trial_id), "reading a trial", config.study.storage_patience), config)
 

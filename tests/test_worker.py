@@ -378,6 +378,21 @@ def test_hpo_run_exits_1_when_none_of_its_own_trials_completed(tmp_path: Path) -
     assert run("ok", 4).returncode == 0  # failures of earlier runs are not this one's
 
 
+def test_hpo_worker_exits_1_when_every_trial_it_ran_failed(tmp_path: Path) -> None:
+    # So that a Slurm array task or a Kubernetes Job shows the failure; a worker with one trial to
+    # show for itself exits 0 (its failures are the study's business: `hpo status`).
+    url = str(tmp_path / "h.journal")
+    created(write_study(tmp_path, "failing", {"mode": "boom"}, n_trials=2), url)
+    failing = hpo("worker", "--study", "failing", "--storage", url, cwd=tmp_path)
+    assert failing.returncode == 1, failing.stderr
+    assert failing.stderr.rstrip().endswith(
+        "hpo: error: every trial this worker ran failed; why: hpo status --study failing --storage URL --trial 0")
+    assert "done: 2 fail" in failing.stdout
+    created(write_study(tmp_path, "fine", {"mode": "ok"}, n_trials=1), url)
+    fine = hpo("worker", "--study", "fine", "--storage", url, cwd=tmp_path)
+    assert fine.returncode == 0, fine.stderr
+
+
 def test_signals_wait_for_a_safe_point_and_a_second_ctrl_c_stops_at_once() -> None:
     signals = worker.Signals()
     previous = signals.install()
