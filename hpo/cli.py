@@ -221,14 +221,19 @@ def _run(args: argparse.Namespace) -> int:
     if failed is not None and not summary.interrupted:
         # Nothing to show for the run: say so in the exit code, with the first failure's traceback.
         print(scrub(trial_text(failed, config)), file=sys.stderr)
-        where = f" --study {s.name}" + ("" if args.storage is None else " --storage URL")
         print(f"hpo: error: no trial of this run completed: every one failed (trial {failed.number} above; "
-              f"any trial: hpo status{where} --trial N)", file=sys.stderr)
+              f"any trial: {_status_command(s.name, args.storage)} --trial N)", file=sys.stderr)
         return 1
     if summary.interrupted:
         print(f"stopped by {summary.interrupted}; the interrupted trial was re-queued. Continue with: hpo run {args.file}")
         return EXIT_INTERRUPTED if summary.interrupted == "SIGINT" else 0
     return 0
+
+
+def _status_command(study: str, storage: str | None) -> str:
+    """The `hpo status` command for the study, as given; a storage URL is not repeated (it may
+    hold a password)."""
+    return f"hpo status --study {study}" + ("" if storage is None else " --storage URL")
 
 
 def _child_worker(study_name: str, url: str, index: int, threads: int) -> None:
@@ -269,8 +274,7 @@ def _worker(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED if summary.interrupted == "SIGINT" else 0
     if summary.all_failed():
         # A scheduler (a Slurm array, a Kubernetes Job) then shows the failure, as for `hpo run`.
-        where = "" if args.storage is None else " --storage URL"
-        print(f"hpo: error: every trial this worker ran failed; why: hpo status --study {args.study}{where} "
+        print(f"hpo: error: every trial this worker ran failed; why: {_status_command(args.study, args.storage)} "
               f"--trial {summary.first_failed}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -146,7 +146,6 @@ class FastRDBStorage(RDBStorage):
                 stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
                 conn.execute(_REPORTS.insert().values(trial_id=trial_id, step=step, intermediate_value=stored,
                                                       intermediate_value_type=kind))
-        if template is not None:
             frozen = copy.deepcopy(template)
             frozen.number, frozen.datetime_start, frozen._trial_id = number, _local(start), trial_id
             return frozen
@@ -207,17 +206,18 @@ class FastRDBStorage(RDBStorage):
         parameter) is ignored, as Optuna ignores it."""
         trial_id = row["trial_id"]
         with self._transaction(ignore_integrity_error=True, single=True) as conn:
-            # SQLAlchemy keeps an INSERT's row count only when asked.
-            if conn.execute(statement, row, execution_options={"preserve_rowcount": True}).rowcount == 0:
+            if conn.execute(statement, row, execution_options=_ROWCOUNT).rowcount == 0:
                 self._check_updatable(conn, trial_id)
 
-    def _check_updatable(self, conn: sqlalchemy.Connection, trial_id: int) -> None:
-        """Raises what Optuna raises for a write to the trial: `KeyError` where there is none,
-        `UpdateFinishedTrialError` where it is finished."""
-        found = conn.execute(_STATE, {"id": trial_id}).first()
+    def _check_updatable(self, conn: sqlalchemy.Connection, trial_id: int, lock: bool = False) -> Any:
+        """The trial's study id and state (its row locked, with `lock`); raises what Optuna raises
+        for a write to the trial: `KeyError` where there is none, `UpdateFinishedTrialError` where
+        it is finished."""
+        found = conn.execute(_STATE_LOCKED if lock else _STATE, {"id": trial_id}).first()
         if found is None:
             raise KeyError(models.NOT_FOUND_MSG)
         self.check_trial_is_updatable(trial_id, found.state)
+        return found
 
     def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                          distribution: distributions.BaseDistribution,
@@ -270,9 +270,9 @@ class FastRDBStorage(RDBStorage):
             with self._transaction(single=one) as conn:
                 if values and one:
                     row["value"], row["value_type"] = models.TrialValueModel.value_to_stored_repr(values[0])
-                    done = conn.execute(_finish_with_value(), row, execution_options={"preserve_rowcount": True}).rowcount
+                    done = conn.execute(_finish_with_value(), row, execution_options=_ROWCOUNT).rowcount
                 else:
-                    done = conn.execute(_FINISH, row, execution_options={"preserve_rowcount": True}).rowcount
+                    done = conn.execute(_FINISH, row, execution_options=_ROWCOUNT).rowcount
                     if done:
                         self._write_values(conn, trial_id, values)
                 if not done:
@@ -325,11 +325,7 @@ class FastRDBStorage(RDBStorage):
                   for_update: bool = False) -> Iterator[tuple[sqlalchemy.Connection, Any]]:
         """A transaction on an existing, unfinished trial; yields it and the trial's study id and state."""
         with self._transaction(ignore_integrity_error) as conn:
-            row = conn.execute(_STATE_LOCKED if for_update else _STATE, {"id": trial_id}).first()
-            if row is None:
-                raise KeyError(models.NOT_FOUND_MSG)
-            self.check_trial_is_updatable(trial_id, row.state)
-            yield conn, row
+            yield conn, self._check_updatable(conn, trial_id, lock=for_update)
 
 
 def ping_when_idle(engine: sqlalchemy.Engine) -> None:
@@ -369,6 +365,9 @@ def ping_when_idle(engine: sqlalchemy.Engine) -> None:
 
 
 _UNFINISHED = [TrialState.RUNNING, TrialState.WAITING]
+# SQLAlchemy keeps an INSERT's row count only when asked: the writes that check a trial in the
+# statement itself read it to learn whether they wrote.
+_ROWCOUNT = {"preserve_rowcount": True}
 # The dialects that reach this module (`hpo.storage` opens only these), each with its upsert.
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert, "mariadb": mysql.insert}
 
