@@ -118,13 +118,13 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("kind", choices=KINDS, help="what to plot")
     plot.add_argument("--study", help="study name (default: the only study in the storage)")
     plot.add_argument("--storage", help=storage_help)
-    plot.add_argument("--out", required=True, help="output file: .html, .png, .svg or .pdf")
+    plot.add_argument("-o", "--out", required=True, help="output file: .html, .png, .svg or .pdf")
     plot.add_argument("--evaluator", choices=list(EVALUATORS), default="ped-anova", help="importance evaluator (default ped-anova)")
 
     report = command("report", _report, "write one self-contained HTML page about a study: summary, plots, waste, pruning reliability")
     report.add_argument("--study", help="study name (default: the only study in the storage)")
     report.add_argument("--storage", help=storage_help)
-    report.add_argument("--out", required=True, help="an .html file, or a folder that gets STUDY.html")
+    report.add_argument("-o", "--out", required=True, help="an .html file, or a folder that gets STUDY.html")
     report.add_argument("--evaluator", choices=list(EVALUATORS), default="ped-anova", help="importance evaluator (default ped-anova)")
 
     dashboard = command("dashboard", _dashboard, "serve optuna-dashboard for a study on loopback (reach it over an ssh tunnel)")

@@ -56,9 +56,9 @@ def test_report_has_waste_and_reliability_with_the_warning(page):
     assert page.count("class=warn") == 2 and "early rungs do not predict the end" in page
 
 
-def test_report_to_a_named_file(journal, tmp_path):
+def test_report_to_a_named_file_with_the_short_flag(journal, tmp_path):
     out = tmp_path / "sub" / "r.html"
-    assert hpo("report", "--storage", journal, "--out", str(out)).returncode == 0
+    assert hpo("report", "--storage", journal, "-o", str(out)).returncode == 0
     assert out.stat().st_size > 1_000_000
 
 
