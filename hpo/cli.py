@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # as a tool killed by SIGPIPE shows in the shell
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,7 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a reader that left is found here, not by Python's flush at exit
+        return code
     except ConfigError as err:
         for problem in err.problems:
             print(problem, file=sys.stderr)
@@ -44,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hpo: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader left (`hpo status | head`): stop quietly, as Unix tools do. Python would
+        # also fail flushing stdout at exit, so stdout points at /dev/null from here on.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as err:
         # Only the commands that draw import hpo.plots (through Optuna's importance evaluators it
         # pulls in scikit-learn: a second of start-up that every other command would pay).

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from optuna.distributions import CategoricalDistribution
+
 from hpo import samplers, yamlfile
 from hpo import space as space_mod
 from hpo import task as task_mod
@@ -159,6 +161,8 @@ def validate(located: yamlfile.Located, source: str, *, import_task: bool = True
     space = space_mod.parse(raw.get("space"), ("space",), report) if "space" in raw else space_mod.Group({})
     task = _task(_section(raw, "task", report), report, import_task)
     trainer = _trainer(_section(raw, "trainer", report), report)
+    if import_task:  # torch is imported with the task anyway; a stored config needs neither
+        _loop_hparams(space, trainer, report)
     study = _study(_section(raw, "study", report), space, task, trainer.top_k, report)
     baseline = _baseline(raw.get("baseline", []), space, report)
     if problems:
@@ -274,6 +278,8 @@ def _task(raw: dict, report: Callable, import_task: bool = True) -> TaskConfig |
     _unknown_keys(raw, path, TASK_KEYS, report)
     ok = True
     for key in ("model", "data", "train_step", "eval_step"):
+        if raw.get(key) is None and key in ("train_step", "eval_step"):
+            continue  # null, as the reference writes it: the default step
         if key not in raw:
             if key in ("model", "data"):
                 report(path, f"missing {key} (expected {key}: package.module:function)")
@@ -297,6 +303,46 @@ def _task(raw: dict, report: Callable, import_task: bool = True) -> TaskConfig |
     if not ok:
         return None
     return TaskConfig(raw["model"], raw["data"], kind, raw.get("train_step"), raw.get("eval_step"), tuple(extra))
+
+
+def _loop_hparams(space: space_mod.Group, trainer: TrainerConfig, report: Callable) -> None:
+    """The optimizer and schedule that the training loop builds from a trial's `optimizer` and
+    `scheduler` params: a name it does not know, or an option the class does not take, would fail
+    every trial that draws it, long after the study was created."""
+    from trainers.optim import OPTIMIZERS, options
+    from trainers.schedule import OPTIONS as SCHEDULES
+
+    def check(key: str, name: Any, keys: Any, path: tuple) -> None:
+        known = OPTIMIZERS if key == "optimizer" else SCHEDULES
+        name = str(name).lower() if key == "optimizer" else name
+        if name not in known:
+            report(path, f"unknown {key} {name!r}{space_mod.did_you_mean(name, known)} (expected one of {', '.join(known)})")
+            return
+        allowed = options(name) if key == "optimizer" else SCHEDULES[name]
+        for option in keys:
+            if option != "name" and option not in allowed:
+                report((*path, option), f"{key} {name} takes no option {option!r}{space_mod.did_you_mean(option, allowed)} "
+                                        f"(expected one of {', '.join(sorted(allowed))})")
+
+    for key, default in (("optimizer", trainer.optimizer), ("scheduler", None)):
+        node, path = space.children.get(key), ("space", key)
+        if isinstance(node, space_mod.Branch):
+            for choice, group in node.branches.items():
+                check(key, choice, group.children, (*path, "choices", choice))
+        elif isinstance(node, space_mod.Param) and isinstance(node.distribution, CategoricalDistribution):
+            for choice in node.distribution.choices:
+                check(key, choice, (), (*path, "choices"))
+        elif isinstance(node, space_mod.Fixed) and isinstance(node.value, str):
+            check(key, node.value, (), path)
+        elif isinstance(node, (space_mod.Fixed, space_mod.Group)):
+            fields = node.children if isinstance(node, space_mod.Group) else node.value
+            named = fields.get("name") if isinstance(fields, Mapping) else None
+            if isinstance(named, space_mod.Fixed):
+                named = named.value
+            name = default if named is None else named
+            # A sampled name (a Param) is left alone: a branch is the way to give each its options.
+            if isinstance(fields, Mapping) and name is not None and not isinstance(name, space_mod.Param):
+                check(key, name, fields, path)
 
 
 def _trainer(raw: dict, report: Callable) -> TrainerConfig:

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import optuna
 from optuna.trial import TrialState
 
-from hpo import analysis, coordinator
+from hpo import analysis, coordinator, heartbeat
 from hpo.report import STATES, best_trials, params_of, status_counts, worker_rows
 
 
@@ -24,7 +24,9 @@ def snapshot(study: optuna.Study, config, now: datetime.datetime | None = None) 
     now = now or datetime.datetime.now()
     trials = study.get_trials(deepcopy=False)
     counts = status_counts(trials)
-    finished = [t for t in trials if t.state.is_finished() and t.datetime_complete]
+    # As the text view counts them: a failure that was re-queued is not a finished trial, its retry is.
+    retried = heartbeat.retried_numbers(trials)
+    finished = [t for t in trials if t.state.is_finished() and t.datetime_complete and t.number not in retried]
     starts = [t.datetime_start for t in trials if t.datetime_start]
     running = [t for t in trials if t.state == TrialState.RUNNING]
     # A finished study's pace is over its own span; a running one's runs up to now.

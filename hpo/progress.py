@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from hpo.config import Config
 from hpo.report import describe_trial, status_counts
@@ -66,7 +67,9 @@ class StudyProgress:
 
     def _print(self, trial: FrozenTrial) -> None:
         style = {TrialState.COMPLETE: "green", TrialState.PRUNED: "yellow", TrialState.FAIL: "red"}.get(trial.state, "")
-        self.console.print(f"[{style}]{describe_trial(trial, self.config.study.metrics)}[/{style}]")
+        # Plain text, not markup: an error message's "[batch, 3]" is text. Unwrapped, so that a
+        # log or a pipe gets one line per trial.
+        self.console.print(Text(describe_trial(trial, self.config.study.metrics), style=style), soft_wrap=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):

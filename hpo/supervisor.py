@@ -27,21 +27,41 @@ class Slot:
 
 
 def slots(gpus: str | None, per_gpu: int, jobs: int | None) -> list[Slot]:
-    """``--gpus 0,1`` or ``all`` (times ``--per-gpu``), else ``--jobs`` CPU workers."""
+    """``--gpus 0,1`` or ``all`` (times ``--per-gpu``), else ``--jobs`` CPU workers.
+
+    The numbers count the GPUs this process sees, as torch numbers them: under a scheduler that
+    set CUDA_VISIBLE_DEVICES (Slurm's ``--gres``, a container), GPU 0 is its first entry, and a
+    worker is pinned to that entry, not to the machine's GPU 0, which may be another job's."""
     if gpus is None:
+        if per_gpu != 1:
+            raise SupervisorError(f"--per-gpu {per_gpu} packs workers on the GPUs that --gpus names "
+                                  "(expected --gpus LIST or all with it; --jobs J for CPU workers)")
         return [Slot(i, None) for i in range(jobs or 1)]
-    if gpus == "all":
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [d.strip() for d in inherited.split(",") if d.strip()] if inherited is not None else None
+    if visible is None:
         import torch
 
         count = torch.cuda.device_count()
-        if count == 0:
-            raise SupervisorError("--gpus all: no GPU is visible here (use --jobs J for CPU workers)")
-        ids = [str(i) for i in range(count)]
     else:
-        ids = [g.strip() for g in gpus.split(",") if g.strip()]
-        if not ids or not all(g.isdigit() for g in ids):
+        count = len(visible)
+    if gpus == "all":
+        ids = list(range(count))
+        if not ids:
+            raise SupervisorError("--gpus all: no GPU is visible here (use --jobs J for CPU workers)")
+    else:
+        names = [g.strip() for g in gpus.split(",") if g.strip()]
+        if not names or not all(g.isdigit() for g in names):
             raise SupervisorError(f"--gpus {gpus!r}: expected a comma-separated list of GPU numbers, or all")
-    return [Slot(i, gpu) for i, (gpu, _) in enumerate((g, k) for g in ids for k in range(per_gpu))]
+        ids = [int(g) for g in names]
+        missing = [i for i in ids if i >= count]
+        if missing:
+            seen = f"GPUs 0-{count - 1}" if count else "no GPU"
+            raise SupervisorError(f"--gpus {gpus}: no GPU {missing[0]} here ({seen} visible"
+                                  f"{' in CUDA_VISIBLE_DEVICES=' + inherited if visible is not None else ''}; "
+                                  "--jobs J for CPU workers)")
+    devices = [visible[i] if visible is not None else str(i) for i in ids]
+    return [Slot(i, device) for i, (device, _) in enumerate((d, k) for d in devices for k in range(per_gpu))]
 
 
 def supervise(

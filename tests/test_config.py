@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -62,6 +63,19 @@ def test_valid_file_loads_and_round_trips_through_the_stored_dict(tmp_path: Path
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_study_files_are_valid(path: Path) -> None:
     assert load_config(str(path)).study.n_trials
+
+
+def test_the_readmes_study_file_reference_loads(tmp_path: Path) -> None:
+    # The README's reference (the file, its search space, a baseline) put together, as a user
+    # copies them: it must load as it is written.
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The study file"):readme.index("### Samplers and pruners")]
+    study, space, baseline = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    study = re.sub(r"^(space|baseline): \.\.\..*$", "", study, flags=re.M)
+    path = tmp_path / "reference.yaml"
+    path.write_text(study + space + baseline)
+    config = load_config(str(path))
+    assert config.study.name == "digits-mlp" and "optimizer" in config.space.children
 
 
 def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
@@ -125,6 +139,26 @@ def test_unknown_sampler_pruner_and_option(tmp_path: Path) -> None:
     assert found[1].startswith("FILE:7: study.pruner.options.n_warmup: median has no option 'n_warmup'; did you mean n_warmup_steps?")
 
 
+def test_optimizer_and_schedule_the_loop_cannot_build(tmp_path: Path) -> None:
+    # Found before the study exists, not at run time in every trial that draws them.
+    text = VALID.replace("        momentum: {type: float, low: 0.5, high: 0.99}\n",
+                         "        momentum: {type: float, low: 0.5, high: 0.99}\n"
+                         "        schedule: {type: categorical, choices: [cosine, step]}\n"
+                         "      adamm: null\n")
+    text += "  scheduler: {name: step, gama: 0.5}\n"
+    assert problems(tmp_path, text) == [
+        "FILE:22: space.optimizer.choices.sgd.schedule: optimizer sgd takes no option 'schedule' (expected one of "
+        "dampening, differentiable, foreach, fused, lr, maximize, momentum, nesterov, weight_decay)",
+        "FILE:23: space.optimizer.choices.adamm: unknown optimizer 'adamm'; did you mean adam? "
+        "(expected one of adam, adamw, sgd, rmsprop, adagrad)",
+        "FILE:24: space.scheduler.gama: scheduler step takes no option 'gama'; did you mean gamma? "
+        "(expected one of gamma, step_size, warmup_steps)",
+    ]
+    fixed = VALID.replace("  optimizer:\n    type: categorical", "  optimizer: sgdd\n  unused:\n    type: categorical")
+    assert problems(tmp_path, fixed) == [
+        "FILE:15: space.optimizer: unknown optimizer 'sgdd'; did you mean sgd? (expected one of adam, adamw, sgd, rmsprop, adagrad)"]
+
+
 def test_option_value_rejected_by_the_library(tmp_path: Path) -> None:
     found = problems(tmp_path, VALID.replace("pruner: median", "pruner: {name: percentile, options: {percentile: 150}}"))
     assert len(found) == 1 and found[0].startswith("FILE:7: study.pruner.options: percentile rejects these options:")
@@ -149,10 +183,11 @@ def test_metric_the_task_does_not_report(tmp_path: Path) -> None:
 
 
 def test_duplicate_parameter_names_across_branches(tmp_path: Path) -> None:
-    text = VALID.replace("momentum: {type: float, low: 0.5, high: 0.99}", "beta1: {type: float, low: 0.5, high: 0.99}")
+    text = VALID.replace("beta1: {type: float, low: 0.8, high: 0.99}", "weight_decay: {type: float, low: 0.0, high: 0.1}")
+    text = text.replace("momentum: {type: float, low: 0.5, high: 0.99}", "weight_decay: {type: float, low: 0.0, high: 0.01}")
     assert problems(tmp_path, text) == [
-        "FILE:21: space.optimizer.choices.sgd.beta1: parameter optimizer.beta1 is defined in more than one branch, "
-        "also at space.optimizer.choices.adam.beta1 (expected unique names: move it out of the branches or rename it)"
+        "FILE:21: space.optimizer.choices.sgd.weight_decay: parameter optimizer.weight_decay is defined in more than one branch, "
+        "also at space.optimizer.choices.adam.weight_decay (expected unique names: move it out of the branches or rename it)"
     ]
 
 

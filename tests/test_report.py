@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from inspect_studies import hand_trials, hpo, stored_hand_study, write_yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo import coordinator, html_report, live, plots
+from hpo import coordinator, heartbeat, html_report, live, plots
 from hpo.config import load_config
 from hpo.storage import open_storage
 
@@ -60,6 +61,19 @@ def test_report_to_a_named_file_with_the_short_flag(journal, tmp_path):
     out = tmp_path / "sub" / "r.html"
     assert hpo("report", "--storage", journal, "-o", str(out)).returncode == 0
     assert out.stat().st_size > 1_000_000
+
+
+def test_a_reader_that_leaves_first_ends_hpo_status_quietly(journal):
+    # `hpo status | head -1`: the pipe's reader is gone when hpo writes. No error line; the exit
+    # code a tool killed by SIGPIPE gives.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "hpo", "status", "--storage", journal], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "")
 
 
 def test_report_of_a_study_without_completed_trials_says_so(tmp_path):
@@ -136,9 +150,14 @@ def _running(number: int, steps: list[float], worker: str) -> FrozenTrial:
 def test_live_view_shows_running_trials_with_epoch_and_latest_metric(tmp_path):
     storage = open_storage(str(tmp_path / "live.journal"))
     created = coordinator.create(load_config(str(write_yaml(tmp_path, "live", n_trials=20))), storage)
-    created.study.add_trials(hand_trials() + [_running(8, [0.3, 0.45], "w3")])
+    # Trial 9 failed and was re-queued as 10: as the text view counts, 9 is not a finished trial.
+    failed, retry = _running(9, [0.2], "w2"), _running(10, [], "w2")
+    failed.state, failed.datetime_complete = TrialState.FAIL, datetime.datetime.now()
+    retry.state, retry.datetime_start, retry.user_attrs = TrialState.WAITING, None, {heartbeat.RETRY_OF: 9}
+    created.study.add_trials(hand_trials() + [_running(8, [0.3, 0.45], "w3"), failed, retry])
     study, config = coordinator.load("live", storage)
     snap = live.snapshot(study, config)
+    assert snap["finished"] == 8 and snap["counts"]["requeued"] == 1
     assert snap["running"] == [{"number": 8, "worker": "w3", "epoch": 1, "latest": 0.45, "seconds": pytest.approx(30, abs=5)}]
     assert snap["done"] is False
     out = io.StringIO()

@@ -21,6 +21,7 @@ from hpo import coordinator, worker
 from hpo.config import load_config
 from hpo.storage import open_storage
 
+BOOM = "boom from the user's factory: shape [batch, 3] in [/fc]"
 TASK = '''
 import math, time
 import torch
@@ -45,7 +46,7 @@ class Net(nn.Module):
 
 def model(params):
     if params.get("mode") == "boom":
-        raise ValueError("boom from the user's factory")
+        raise ValueError("boom from the user's factory: shape [batch, 3] in [/fc]")
     return Net(params)
 '''
 
@@ -82,7 +83,7 @@ def test_user_exception_and_nan_loss_fail_the_trial_with_a_reason_and_the_worker
     trials = {t.params["mode"]: t for t in study.get_trials()}
     assert summary.states == {"FAIL": 2, "COMPLETE": 1}
     assert trials["boom"].state == TrialState.FAIL
-    assert trials["boom"].user_attrs["hpo:fail_reason"] == "ValueError: boom from the user's factory"
+    assert trials["boom"].user_attrs["hpo:fail_reason"] == "ValueError: " + BOOM
     assert "Traceback" in trials["boom"].user_attrs["hpo:traceback"]
     assert trials["nan"].state == TrialState.FAIL
     assert trials["nan"].user_attrs["hpo:fail_reason"].startswith("NonFiniteLossError: training loss is nan at epoch 0")
@@ -359,7 +360,9 @@ def test_hpo_run_exits_1_when_none_of_its_own_trials_completed(tmp_path: Path) -
     assert run("ok", 1).returncode == 0
     failing = run("boom", 3)  # the study has a completed trial, from the run before
     assert failing.returncode == 1, failing.stderr
-    assert "raise ValueError(\"boom from the user's factory\")" in failing.stderr  # the traceback
+    assert f"raise ValueError(\"{BOOM}\")" in failing.stderr  # the traceback
+    # The trial's line as the error says it: brackets are text, not markup; one line, not wrapped.
+    assert f"\ntrial    1 fail  ValueError: {BOOM}\n" in failing.stdout, failing.stdout
     assert failing.stderr.rstrip().endswith("hpo: error: no trial of this run completed: every one failed (trial 1 above; "
                                             "any trial: hpo status --study runs --storage URL --trial N)")
 
@@ -368,10 +371,10 @@ def test_hpo_run_exits_1_when_none_of_its_own_trials_completed(tmp_path: Path) -
     elsewhere.mkdir()
     one = hpo("status", "--trial", "2", "--storage", url, cwd=elsewhere)
     assert one.returncode == 0, one.stderr
-    assert one.stdout.startswith("trial    2 fail  ValueError: boom from the user's factory\n  mode: boom\n")
+    assert one.stdout.startswith(f"trial    2 fail  ValueError: {BOOM}\n  mode: boom\n")
     assert "usertask.py\", line 25, in model" in one.stdout
     record = json.loads(hpo("status", "--trial", "2", "--json", "--storage", url, cwd=elsewhere).stdout)
-    assert record["state"] == "fail" and record["reason"] == "ValueError: boom from the user's factory" and record["traceback"]
+    assert record["state"] == "fail" and record["reason"] == "ValueError: " + BOOM and record["traceback"]
     missing = hpo("status", "--trial", "7", "--storage", url, cwd=elsewhere)
     assert (missing.returncode, missing.stderr) == (2, "hpo: error: study runs has no trial 7 (trials 0-2)\n")
 

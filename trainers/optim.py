@@ -30,6 +30,15 @@ FUSED_DEVICES = {"adam": ("cpu", "cuda"), "adamw": ("cpu", "cuda"), "sgd": ("cpu
 IMPLEMENTATION = ("fused", "foreach", "differentiable", "capturable")
 
 
+def options(name: str) -> set[str]:
+    """The keys a spec for optimizer `name` may hold besides ``name``: its class's keyword
+    arguments, and ``beta1``/``beta2`` where it takes ``betas``."""
+    import inspect
+
+    taken = set(inspect.signature(OPTIMIZERS[name]).parameters) - {"self", "params"}
+    return taken | {"beta1", "beta2"} if "betas" in taken else taken
+
+
 def build_optimizer(
     parameters: Iterable[Any], spec: Mapping[str, Any], *, fuse: bool = True
 ) -> torch.optim.Optimizer:
