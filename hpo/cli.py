@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     dashboard = command("dashboard", _dashboard, "serve optuna-dashboard for a study on loopback (reach it over an ssh tunnel)")
     dashboard.add_argument("--study", help="study name (default: the only study in the storage)")
     dashboard.add_argument("--storage", help=storage_help)
-    dashboard.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    dashboard.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
     dashboard.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; the dashboard has no authentication)")
     return parser
 
@@ -153,6 +153,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, got {value}")
     return value
 
 

@@ -8,10 +8,11 @@ timeline (trials per worker rather than per trial).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import optuna
 import plotly.graph_objects as go
@@ -111,20 +112,35 @@ def importance_figure(imp: importance_mod.Importance, study_name: str) -> go.Fig
     return _noted(fig, imp.conditional_note) if imp.conditional_note else fig
 
 
+@contextlib.contextmanager
+def writable(out: str) -> Iterator[None]:
+    """Makes `out`'s folder, as `hpo report` does; a place that cannot be written is one line."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        yield
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename and err.filename != out else ""
+        raise PlotError(f"cannot write {out}: {err.strerror or err}{where}") from None
+
+
 def write(fig: go.Figure, out: str) -> None:
     """Writes ``.html`` with plotly.js inlined; an image suffix goes through kaleido."""
     suffix = os.path.splitext(out)[1].lower()
-    if suffix == ".html":
-        fig.write_html(out, include_plotlyjs=True, full_html=True, config={"responsive": True})
-        return
-    if suffix not in IMAGE_SUFFIXES:
+    if suffix != ".html" and suffix not in IMAGE_SUFFIXES:
         raise PlotError(f"cannot write {out}: unknown file type {suffix or '(none)'} (expected .html, .png, .svg or .pdf)")
+    if suffix == ".html":
+        with writable(out):
+            fig.write_html(out, include_plotlyjs=True, full_html=True, config={"responsive": True})
+        return
     try:
         import kaleido  # noqa: F401
     except ImportError:
         raise PlotError("image export needs kaleido: pip install 'hpo[png]' (and a Chromium: apt-get install chromium)") from None
     try:
-        fig.write_image(out, width=1000, height=max(500, int(fig.layout.height or 0)))
+        with writable(out):
+            fig.write_image(out, width=1000, height=max(500, int(fig.layout.height or 0)))
+    except PlotError:
+        raise
     except Exception as err:  # kaleido's errors are long; the first line says what is missing
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PlotError(f"image export failed ({first[:200]}); kaleido needs a Chromium: apt-get install chromium, or write .html") from None

@@ -29,7 +29,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import optuna
 from optuna.distributions import BaseDistribution
@@ -43,6 +43,8 @@ from hpo.redis_journal import RedisJournalBackend
 DEFAULT_URL = "hpo.journal"
 ENV_VAR = "HPO_STORAGE"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# A password given as a query field, which redis-py, libpq and SQLAlchemy all accept.
+_QUERY_SECRET = re.compile(r"([?&;](?:password|passwd|pwd)=)([^&;#]*)", re.IGNORECASE)
 _RDB_SCHEMES = ("postgresql", "postgres", "mysql", "mariadb", "sqlite")
 # How old a Redis journal reply may be and still serve a read (the Optuna sampler's and pruner's
 # reads of the study): other workers' writes of the last 50 ms are missed, as they would be by a
@@ -76,6 +78,7 @@ def open_storage(url: str | None = None, *, heartbeat: Heartbeat | None = None, 
     _remember_password(url)
     match = _SCHEME.match(url)
     scheme = match.group(1).lower() if match else None
+    _check_password_encoded(url)
     try:
         if scheme is None:
             return _journal_file(url, existing)
@@ -184,13 +187,44 @@ def _rdb_lock(storage: RDBStorage, key: str) -> Iterator[None]:
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
-    parts = urlsplit(url) if _SCHEME.match(url) else None
-    if parts is None or parts.password is None:
-        return scrub(url)
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """The URL with its password (in the user part or a ``password=`` query field) as ``***``."""
+    span = _userinfo(url)
+    if span is not None:
+        user, colon, _ = url[span[0]:span[1]].partition(":")
+        if colon:
+            url = f"{url[:span[0]]}{user}:***{url[span[1]:]}"
+    return scrub(_QUERY_SECRET.sub(r"\1***", url))
+
+
+def _check_password_encoded(url: str) -> None:
+    """A password with a raw ``#``, ``?`` or ``/`` is read differently by each driver, and a parser
+    that stops at one may show the rest in its error; asked for percent-encoded instead."""
+    span = _userinfo(url)
+    if span is None or url.count("@") != 1:  # several: an @ in the query may end the span, not the password
+        return
+    password = url[span[0]:span[1]].partition(":")[2]
+    raw = next((c for c in "#?/" if c in password), None)
+    if raw is not None:
+        raise StorageError(f"the password in {redact(url)} holds a raw {raw!r}: percent-encode it "
+                           f"({quote(raw, safe='')}; Python: urllib.parse.quote(password, safe=''))")
+
+
+def _userinfo(url: str) -> tuple[int, int] | None:
+    """Where ``user:password`` lies in `url`: from ``://`` to the last ``@``. Read off the text, not
+    by `urlsplit`, which ends the user part at a ``#``, ``?`` or ``/`` that an unencoded password may
+    hold (the drivers accept such URLs) and then shows the rest of the password as the path."""
+    match = _SCHEME.match(url)
+    at = url.rfind("@")
+    return (match.end(), at) if match and at > match.end() else None
+
+
+def _secrets(url: str) -> set[str]:
+    """The passwords in `url`, as written and percent-decoded (a driver's error may show either)."""
+    found = [m.group(2) for m in _QUERY_SECRET.finditer(url)]
+    span = _userinfo(url)
+    if span is not None:
+        found.append(url[span[0]:span[1]].partition(":")[2])
+    return {form for secret in found if secret for form in (secret, unquote(secret))}
 
 
 def scrub(text: str) -> str:
@@ -215,6 +249,9 @@ def _redis(url: str) -> BaseStorage:
     import redis
 
     parts = urlsplit(url)
+    database = parts.path.strip("/")
+    if database and not database.isdigit():  # redis-py would quietly use database 0
+        raise StorageError(f"bad Redis URL {redact(url)}: database {database!r} is not a number (expected redis://host:6379/0)")
     query = dict(parse_qsl(parts.query))
     prefix = query.pop("prefix", "")
     clean = urlunsplit(parts._replace(query=urlencode(query)))
@@ -368,14 +405,9 @@ _FILTER = _ScrubFilter()
 
 
 def _remember_password(url: str) -> None:
-    if not _SCHEME.match(url):
-        return
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return
-    if password:
-        _SECRETS.add(password)
+    secrets = _secrets(url)
+    if secrets:
+        _SECRETS.update(secrets)
         for logger in (logging.getLogger(), logging.getLogger("optuna")):
             for handler in logger.handlers:
                 if _FILTER not in handler.filters:

@@ -63,6 +63,20 @@ def test_report_to_a_named_file_with_the_short_flag(journal, tmp_path):
     assert out.stat().st_size > 1_000_000
 
 
+def test_an_output_that_cannot_be_written_is_one_line(journal, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    blocked = str(tmp_path / "a-file" / "x.html")  # its folder would be a file
+    for command in (["plot", "history", "--out", blocked], ["report", "-o", blocked]):
+        proc = hpo(*command, "--storage", journal)
+        assert (proc.returncode, proc.stderr) == (2, f"hpo: error: cannot write {blocked}: File exists ({tmp_path / 'a-file'})\n"), command
+    typo = hpo("report", "-o", str(tmp_path / "r.txt"), "--storage", journal)  # not a folder to make
+    assert (typo.returncode, typo.stderr) == (2, f"hpo: error: cannot write {tmp_path / 'r.txt'}: unknown file type .txt "
+                                                 "(expected an .html file, or a folder)\n")
+    assert not (tmp_path / "r.txt").exists()
+    port = hpo("dashboard", "--port", "99999", "--storage", journal)
+    assert port.returncode == 2 and port.stderr.endswith("error: argument --port: must be 0-65535, got 99999\n")
+
+
 def test_a_reader_that_leaves_first_ends_hpo_status_quietly(journal):
     # `hpo status | head -1`: the pipe's reader is gone when hpo writes. No error line; the exit
     # code a tool killed by SIGPIPE gives.

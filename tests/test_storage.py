@@ -119,6 +119,9 @@ def test_mysql_url_is_an_rdb_storage(mysql_url: str) -> None:
         ("/no/such/folder/h.journal", "cannot create journal file /no/such/folder/h.journal: folder /no/such/folder does not exist"),
         ("redis://127.0.0.1:1/0", "cannot reach Redis at redis://127.0.0.1:1/0"),
         ("postgresql://postgres@127.0.0.1:1/x", "cannot connect to postgresql://postgres@127.0.0.1:1/x"),
+        # redis-py would read a database that is not a number as database 0, someone else's.
+        ("redis://127.0.0.1:6379/x", "bad Redis URL redis://127.0.0.1:6379/x: database 'x' is not a number (expected redis://host:6379/0)"),
+        ("redis://[::1:6379/0", "cannot open storage redis://[::1:6379/0: Invalid IPv6 URL"),
     ],
 )
 def test_bad_urls_are_one_clear_line(url: str, expected: str) -> None:
@@ -132,9 +135,23 @@ def test_redact_hides_only_the_password() -> None:
     assert redact(f"postgresql://bob:{SECRET}@db:5432/hpo") == "postgresql://bob:***@db:5432/hpo"
     assert redact(f"redis://:{SECRET}@cache:6379/0") == "redis://:***@cache:6379/0"
     assert redact("redis://cache:6379/0") == "redis://cache:6379/0"
+    # Where urlsplit would end the user part early and show the rest of the password as the path,
+    # in the query string, and in a malformed URL that urlsplit refuses.
+    assert redact("postgresql://bob:pa/ss#w?rd@db:5432/hpo") == "postgresql://bob:***@db:5432/hpo"
+    assert redact(f"redis://cache:6379/0?password={SECRET}&prefix=a") == "redis://cache:6379/0?password=***&prefix=a"
+    assert redact(f"mysql://root:{SECRET}@[::1/x") == "mysql://root:***@[::1/x"
 
 
-@pytest.mark.parametrize("url", [f"postgresql://bob:{SECRET}@127.0.0.1:1/x", f"redis://:{SECRET}@127.0.0.1:1/0", f"mysql://root:{SECRET}@127.0.0.1:1/x"])
+@pytest.mark.parametrize("password", ["pa#ss", "pa/ss", "pa?ss"])
+def test_a_password_with_a_raw_delimiter_is_refused_without_showing_it(password: str) -> None:
+    with pytest.raises(StorageError) as info:
+        open_storage(f"postgresql://bob:{password}{SECRET}@127.0.0.1:1/x")
+    assert str(info.value).startswith("the password in postgresql://bob:***@127.0.0.1:1/x holds a raw")
+    assert SECRET not in str(info.value) and "ss" + SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("url", [f"postgresql://bob:{SECRET}@127.0.0.1:1/x", f"redis://:{SECRET}@127.0.0.1:1/0", f"mysql://root:{SECRET}@127.0.0.1:1/x",
+                                 f"redis://127.0.0.1:1/0?password={SECRET}", f"postgresql://bob@127.0.0.1:1/x?password={SECRET}"])
 def test_password_absent_from_errors_and_logs(url: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     with pytest.raises(StorageError) as info:
