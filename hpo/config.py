@@ -31,6 +31,7 @@ VECTORIZE_KEYS = {"width", "data", "max_width", "lookahead"}
 VECTORIZE_DATA = ("shared", "per_slot")
 TASK_KEYS = {"model", "data", "kind", "train_step", "eval_step", "metrics"}
 TRAINER_KEYS = {f.name for f in dataclasses.fields(TrainerConfig)}
+SEED_LIMIT = 2**31  # seed + trial number, seed + worker index stay within numpy's 2**32
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,10 @@ def load_config(file: str) -> Config:
             text = f.read()
     except OSError as err:
         raise ConfigError([Problem(file, None, (), f"cannot read the study file ({err.strerror})")]) from None
+    except UnicodeDecodeError as err:
+        with open(file, "rb") as f:
+            line = f.read(err.start).count(b"\n") + 1
+        raise ConfigError([Problem(file, line, (), f"byte {err.object[err.start]:#04x} is not UTF-8 text (expected a UTF-8 file)")]) from None
     try:
         located = yamlfile.load(text)
     except yamlfile.YamlSyntaxError as err:
@@ -163,6 +168,13 @@ def validate(located: yamlfile.Located, source: str, *, import_task: bool = True
     trainer = _trainer(_section(raw, "trainer", report), report)
     if import_task:  # torch is imported with the task anyway; a stored config needs neither
         _loop_hparams(space, trainer, report)
+    given = raw.get("trainer")
+    monitor = given.get("monitor") if isinstance(given, Mapping) else None  # the default is not the user's to fix
+    if task is not None and isinstance(monitor, str):
+        known = task.reported_metrics(trainer.top_k)
+        if monitor not in known:
+            report(("trainer", "monitor"), f"the task does not report {monitor!r}{space_mod.did_you_mean(monitor, known)} "
+                                           f"(expected one of {', '.join(known)})")
     study = _study(_section(raw, "study", report), space, task, trainer.top_k, report)
     baseline = _baseline(raw.get("baseline", []), space, report)
     if problems:
@@ -200,6 +212,9 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
     n_trials = _number(raw, path, "n_trials", int, report, minimum=1)
     timeout = _number(raw, path, "timeout", (int, float), report, minimum=0, exclusive=True)
     seed = _number(raw, path, "seed", int, report, minimum=0)
+    if seed is not None and seed >= SEED_LIMIT:  # numpy's and torch's generators take 32 bits; trial n adds n
+        report((*path, "seed"), f"{seed} is too large (expected an integer below {SEED_LIMIT})")
+        seed = None
     interval = _number(raw, path, "heartbeat_interval", int, report, minimum=1)
     grace = _number(raw, path, "grace_period", int, report, minimum=1)
     retries = _number(raw, path, "max_retries", int, report, minimum=0)
@@ -324,6 +339,8 @@ def _loop_hparams(space: space_mod.Group, trainer: TrainerConfig, report: Callab
                 report((*path, option), f"{key} {name} takes no option {option!r}{space_mod.did_you_mean(option, allowed)} "
                                         f"(expected one of {', '.join(sorted(allowed))})")
 
+    if trainer.optimizer.lower() not in OPTIMIZERS:
+        check("optimizer", trainer.optimizer, (), ("trainer", "optimizer"))
     for key, default in (("optimizer", trainer.optimizer), ("scheduler", None)):
         node, path = space.children.get(key), ("space", key)
         if isinstance(node, space_mod.Branch):

@@ -34,6 +34,8 @@ def load_callable(path: str) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
     except Exception as err:  # any error in user code at import time means the same thing here
         raise TaskImportError(f"cannot import {module_name} ({type(err).__name__}: {err})") from None
+    except SystemExit as exit_:  # a script's own sys.exit() on import would end hpo without a word
+        raise TaskImportError(f"cannot import {module_name} (it called sys.exit({exit_.code!r}) on import)") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise TaskImportError(f"{module_name} has no attribute {attr}")

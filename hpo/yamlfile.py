@@ -65,13 +65,25 @@ def load(text: str) -> Located:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark else None
         raise YamlSyntaxError(line, f"{err.problem or err.context}") from None
+    except yaml.reader.ReaderError as err:  # a character YAML does not allow, such as NUL
+        shown = f"U+{err.character:04X}" if isinstance(err.character, int) else repr(err.character)
+        raise YamlSyntaxError(text.count("\n", 0, err.position) + 1, f"character {shown} is not allowed in YAML") from None
     located = Located(data=None)
     if node is not None:
-        located.data = _build(node, (), located, _Loader(""))
+        located.data = _build(node, (), located, _Loader(""), [MAX_VALUES])
     return located
 
 
-def _build(node: yaml.Node, path: Path, out: Located, loader: _Loader) -> Any:
+# Aliases let a few lines stand for billions of values ("billion laughs"); a study file is far
+# below this, and building past it would take the machine's memory.
+MAX_VALUES = 100_000
+
+
+def _build(node: yaml.Node, path: Path, out: Located, loader: _Loader, left: list[int]) -> Any:
+    left[0] -= 1
+    if left[0] < 0:
+        raise YamlSyntaxError(node.start_mark.line + 1, f"the file expands to more than {MAX_VALUES} values "
+                                                         "(aliases of aliases?)")
     out.lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<:` merge keys
@@ -84,8 +96,8 @@ def _build(node: yaml.Node, path: Path, out: Located, loader: _Loader) -> Any:
             if key in result:
                 out.duplicates.append((child, key_node.start_mark.line + 1))
             out.lines[child] = key_node.start_mark.line + 1
-            result[key] = _build(value_node, child, out, loader)
+            result[key] = _build(value_node, child, out, loader, left)
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [_build(item, (*path, i), out, loader) for i, item in enumerate(node.value)]
+        return [_build(item, (*path, i), out, loader, left) for i, item in enumerate(node.value)]
     return loader.construct_object(node, deep=True)

@@ -159,6 +159,17 @@ def test_optimizer_and_schedule_the_loop_cannot_build(tmp_path: Path) -> None:
         "FILE:15: space.optimizer: unknown optimizer 'sgdd'; did you mean sgd? (expected one of adam, adamw, sgd, rmsprop, adagrad)"]
 
 
+def test_trainer_optimizer_monitor_and_seed_that_would_fail_every_trial(tmp_path: Path) -> None:
+    text = VALID.replace("  pruner: median\n", "  pruner: median\n  seed: 99999999999999999999\n")
+    text = text.replace("  epochs: 2\n", "  epochs: 2\n  optimizer: lamb\n  monitor: val_acuracy\n")
+    assert problems(tmp_path, text) == [
+        "FILE:8: study.seed: 99999999999999999999 is too large (expected an integer below 2147483648)",
+        "FILE:11: trainer.optimizer: unknown optimizer 'lamb' (expected one of adam, adamw, sgd, rmsprop, adagrad)",
+        "FILE:12: trainer.monitor: the task does not report 'val_acuracy'; did you mean val_accuracy? (expected one of train_loss, "
+        "val_loss, val_accuracy, val_top5_accuracy, val_f1)",
+    ]
+
+
 def test_option_value_rejected_by_the_library(tmp_path: Path) -> None:
     found = problems(tmp_path, VALID.replace("pruner: median", "pruner: {name: percentile, options: {percentile: 150}}"))
     assert len(found) == 1 and found[0].startswith("FILE:7: study.pruner.options: percentile rejects these options:")
@@ -173,6 +184,13 @@ def test_factory_that_does_not_import(tmp_path: Path) -> None:
         "(expected an importable package.module:function)",
         "FILE:12: task.data: hpo.examples.tabular has no attribute nope (expected an importable package.module:function)",
     ]
+
+
+def test_factory_module_that_exits_on_import(tmp_path: Path) -> None:
+    (tmp_path / "quits_on_import.py").write_text("import sys\nsys.exit(3)\n")
+    assert problems(tmp_path, VALID.replace("hpo.examples.tabular:mlp", "quits_on_import:mlp")) == [
+        "FILE:11: task.model: cannot import quits_on_import (it called sys.exit(3) on import) "
+        "(expected an importable package.module:function)"]
 
 
 def test_metric_the_task_does_not_report(tmp_path: Path) -> None:
@@ -201,6 +219,22 @@ def test_several_errors_are_reported_at_once_in_line_order(tmp_path: Path) -> No
 def test_yaml_syntax_error_names_its_line(tmp_path: Path) -> None:
     found = problems(tmp_path, "study:\n  name: [unclosed\ntask: {}\n")
     assert len(found) == 1 and found[0].startswith("FILE:3: invalid YAML:")
+
+
+def test_a_file_that_is_not_utf8_text_or_expands_without_end(tmp_path: Path) -> None:
+    path = tmp_path / "study.yaml"
+    cases = {
+        VALID.encode().replace(b"name: s", b"name: caf\xe9"): "FILE:2: byte 0xe9 is not UTF-8 text (expected a UTF-8 file)",
+        VALID.encode().replace(b"epochs: 2", b"epochs: 2\x00"): "FILE:9: invalid YAML: character U+0000 is not allowed in YAML",
+        # "Billion laughs": nine aliases of nine aliases, eight deep, would be 43 million values.
+        ("a0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9))).encode():
+            "FILE:1: invalid YAML: the file expands to more than 100000 values (aliases of aliases?)",
+    }
+    for content, expected in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path))
+        assert [str(p).replace(str(path), "FILE") for p in info.value.problems] == [expected]
 
 
 def test_duplicate_key(tmp_path: Path) -> None:
