@@ -18,6 +18,14 @@ EXIT_BROKEN_PIPE = 141  # as a tool killed by SIGPIPE shows in the shell
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the command started (building the parser imports Optuna)
+        print("hpo: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -252,9 +260,12 @@ def _status_command(study: str, storage: str | None) -> str:
 
 
 def _child_worker(study_name: str, url: str, index: int, threads: int) -> None:
-    from hpo.worker import run_worker
+    try:
+        from hpo.worker import run_worker  # torch: a second or two, in which Ctrl-C lands most often
 
-    summary = run_worker(study_name, url, index=index, threads=threads)
+        summary = run_worker(study_name, url, index=index, threads=threads)
+    except KeyboardInterrupt:  # before the worker took over the signal: nothing of the study to hand back
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_INTERRUPTED if summary.interrupted == "SIGINT" else 0)
 
 

@@ -176,7 +176,12 @@ def validate(located: yamlfile.Located, source: str, *, import_task: bool = True
             report(("trainer", "monitor"), f"the task does not report {monitor!r}{space_mod.did_you_mean(monitor, known)} "
                                            f"(expected one of {', '.join(known)})")
     study = _study(_section(raw, "study", report), space, task, trainer.top_k, report)
-    baseline = _baseline(raw.get("baseline", []), space, report)
+    # A parameter whose spec was refused is missing from the space: a baseline value for it is not
+    # a second mistake ("unknown parameter") but the same one.
+    refused = {key for p in problems if p.path[:1] == ("space",) for key in p.path[1:]}
+    baseline = _baseline(raw.get("baseline", []), space,
+                         lambda path, message: None if message.startswith("unknown parameter") and path[-1] in refused
+                         else report(path, message))
     if problems:
         problems.sort(key=lambda p: (p.line or 0))
         raise ConfigError(problems)
@@ -238,9 +243,10 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
         wrapped = (w_name, w_options) if w_name else None
     pruner, pruner_options = _named(pruner_raw, (*path, "pruner"), samplers.PRUNERS, report)
     if sampler:
-        _check_options(sampler, sampler_options, (*path, "sampler"), report, lambda: samplers.build_sampler(sampler, sampler_options, 0, space))
-        if sampler == "grid" and space.children and space_mod.grid(space) is None:
+        if sampler == "grid" and space.children and space_mod.grid(space) is None:  # no grid to build the sampler on
             report((*path, "sampler"), "grid needs a space without branches whose parameters are all discrete (expected categorical, int, or float with step)")
+        else:
+            _check_options(sampler, sampler_options, (*path, "sampler"), report, lambda: samplers.build_sampler(sampler, sampler_options, 0, space))
         if len(directions) > 1 and sampler not in samplers.MULTI_OBJECTIVE_SAMPLERS:
             report((*path, "sampler"), f"{sampler} cannot optimize several objectives (expected one of {', '.join(sorted(samplers.MULTI_OBJECTIVE_SAMPLERS))})")
     if pruner:

@@ -170,6 +170,12 @@ def test_trainer_optimizer_monitor_and_seed_that_would_fail_every_trial(tmp_path
     ]
 
 
+def test_grid_over_a_continuous_space_is_one_line(tmp_path: Path) -> None:
+    assert problems(tmp_path, VALID.replace("sampler: tpe", "sampler: {name: grid, options: {}}")) == [
+        "FILE:6: study.sampler: grid needs a space without branches whose parameters are all discrete "
+        "(expected categorical, int, or float with step)"]
+
+
 def test_option_value_rejected_by_the_library(tmp_path: Path) -> None:
     found = problems(tmp_path, VALID.replace("pruner: median", "pruner: {name: percentile, options: {percentile: 150}}"))
     assert len(found) == 1 and found[0].startswith("FILE:7: study.pruner.options: percentile rejects these options:")
@@ -254,6 +260,14 @@ def test_baseline_outside_the_space(tmp_path: Path) -> None:
     assert problems(tmp_path, text) == [
         "FILE:23: baseline[0].lr: 5.0 is outside the parameter's range (expected 0.0001..0.1 log)",
         "FILE:23: baseline[0].optimizer: 'rmsprop' is not a choice (expected one of adam, sgd)",
+    ]
+
+
+def test_a_baseline_value_of_a_refused_parameter_is_not_a_second_mistake(tmp_path: Path) -> None:
+    text = VALID.replace("low: 1.0e-4, high: 1.0e-1", "low: 1.0e-1, high: 1.0e-4") + "baseline:\n  - {lr: 0.01, bogus: 1}\n"
+    assert problems(tmp_path, text) == [
+        "FILE:14: space.lr.low: low 0.1 is not below high 0.0001 (expected low < high)",
+        "FILE:23: baseline[0].bogus: unknown parameter",
     ]
 
 

@@ -179,6 +179,24 @@ def test_study_timeout_ends_the_worker(tmp_path: Path) -> None:
     assert all(t.state.is_finished() for t in study.get_trials())
 
 
+def test_ctrl_c_before_a_command_or_a_worker_started_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    # Where Ctrl-C lands in the first second: building the parser (it imports Optuna), and an
+    # `hpo run --jobs J` child importing torch. No traceback from either.
+    from hpo import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_parser", interrupted)
+    assert cli.main(["status"]) == 130
+    assert capsys.readouterr().err == "hpo: interrupted\n"
+    monkeypatch.setattr(worker, "run_worker", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        cli._child_worker("s", "x.journal", 1, 1)
+    assert stopped.value.code == 130
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
 def test_signal_stops_the_worker_and_requeues_its_trial(tmp_path: Path, sig: signal.Signals, code: int) -> None:
     path = write_study(tmp_path, "signals", {"slow": True, "lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, n_trials=3)
