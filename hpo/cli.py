@@ -217,13 +217,14 @@ def _run(args: argparse.Namespace) -> int:
     threads = args.threads
     s = config.study
     budget = f"{s.n_trials} trials" if s.n_trials else f"{s.timeout:g}s"
+    jobs = min(args.jobs, s.n_trials) if s.n_trials else args.jobs  # a worker past the budget would only wait
     print(f"{'resuming' if created.resumed else 'running'} study {s.name} on {redact(url)}: {budget}, "
-          f"{s.sampler} sampler, {s.pruner} pruner, {args.jobs} worker(s) x {objective.threads_for(config, threads)} thread(s)")
+          f"{s.sampler} sampler, {s.pruner} pruner, {jobs} worker(s) x {objective.threads_for(config, threads)} thread(s)")
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     children = [
         context.Process(target=_child_worker, args=(s.name, url, index, threads), name=f"hpo-worker-{index}")
-        for index in range(1, args.jobs)
+        for index in range(1, jobs)
     ]
     # Earlier runs' results; queued trials (a baseline, a retry) are this run's to train.
     finished_before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}

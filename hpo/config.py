@@ -7,6 +7,7 @@ Every problem in the file is collected and reported at once, one line each:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -168,6 +169,8 @@ def validate(located: yamlfile.Located, source: str, *, import_task: bool = True
     trainer = _trainer(_section(raw, "trainer", report), report)
     if import_task:  # torch is imported with the task anyway; a stored config needs neither
         _loop_hparams(space, trainer, report)
+        if trainer.checkpoint_dir is not None and os.path.exists(trainer.checkpoint_dir) and not os.path.isdir(trainer.checkpoint_dir):
+            report(("trainer", "checkpoint_dir"), f"{trainer.checkpoint_dir} is a file (expected a folder, made if missing)")
     given = raw.get("trainer")
     monitor = given.get("monitor") if isinstance(given, Mapping) else None  # the default is not the user's to fix
     if task is not None and isinstance(monitor, str):
@@ -424,6 +427,19 @@ def _check_options(name: str, options: dict, path: tuple, report: Callable, buil
     for key in unknown:
         report((*path, "options", key), f"{name} has no option {key!r}{space_mod.did_you_mean(key, allowed)} (expected one of {', '.join(allowed) or 'no options'})")
     if unknown:
+        return
+    # Optuna stores most options unchecked ("ten" trials fails at the eleventh ask): a number or a
+    # boolean where the default is one.
+    defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
+    mistyped = False
+    for key, value in options.items():
+        default = defaults.get(key)
+        kinds, what = ((bool,), "true or false") if isinstance(default, bool) else ((int,), "an integer") \
+            if isinstance(default, int) else ((int, float), "a number") if isinstance(default, float) else ((), "")
+        if kinds and (isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds)):
+            report((*path, "options", key), f"{value!r} is not {what} (expected {what}, as its default {default!r})")
+            mistyped = True
+    if mistyped:
         return
     try:
         build()

@@ -176,6 +176,21 @@ def test_grid_over_a_continuous_space_is_one_line(tmp_path: Path) -> None:
         "(expected categorical, int, or float with step)"]
 
 
+def test_option_of_the_wrong_type(tmp_path: Path) -> None:
+    # Optuna keeps it unchecked: n_startup_trials "ten" failed at the eleventh ask.
+    text = VALID.replace("sampler: tpe", "sampler: {name: tpe, options: {n_startup_trials: ten, group: 1}}")
+    assert problems(tmp_path, text) == [
+        "FILE:6: study.sampler.options.n_startup_trials: 'ten' is not an integer (expected an integer, as its default 10)",
+        "FILE:6: study.sampler.options.group: 1 is not true or false (expected true or false, as its default False)",
+    ]
+
+
+def test_checkpoint_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "ckpt").write_text("")
+    text = VALID.replace("  epochs: 2\n", f"  epochs: 2\n  checkpoint_dir: {tmp_path / 'ckpt'}\n")
+    assert problems(tmp_path, text) == [f"FILE:10: trainer.checkpoint_dir: {tmp_path / 'ckpt'} is a file (expected a folder, made if missing)"]
+
+
 def test_option_value_rejected_by_the_library(tmp_path: Path) -> None:
     found = problems(tmp_path, VALID.replace("pruner: median", "pruner: {name: percentile, options: {percentile: 150}}"))
     assert len(found) == 1 and found[0].startswith("FILE:7: study.pruner.options: percentile rejects these options:")

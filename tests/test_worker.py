@@ -371,11 +371,12 @@ def test_the_console_script_finds_a_task_in_the_working_directory_also_under_a_s
 def test_hpo_run_exits_1_when_none_of_its_own_trials_completed(tmp_path: Path) -> None:
     url = str(tmp_path / "h.journal")
 
-    def run(mode: str, n_trials: int) -> subprocess.CompletedProcess:
+    def run(mode: str, n_trials: int, *extra: str) -> subprocess.CompletedProcess:
         path = write_study(tmp_path, "runs", {"mode": mode}, n_trials=n_trials)
-        return hpo("run", str(path), "--storage", url, "--resume", cwd=tmp_path)
+        return hpo("run", str(path), "--storage", url, "--resume", *extra, cwd=tmp_path)
 
-    assert run("ok", 1).returncode == 0
+    first = run("ok", 1, "--jobs", "4")  # more workers than trials: the others would only wait
+    assert first.returncode == 0 and " pruner, 1 worker(s) x 1 thread(s)" in first.stdout, first.stdout
     failing = run("boom", 3)  # the study has a completed trial, from the run before
     assert failing.returncode == 1, failing.stderr
     assert f"raise ValueError(\"{BOOM}\")" in failing.stderr  # the traceback
