@@ -55,10 +55,15 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("hpo: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
+    except BrokenPipeError as err:
+        if not _reader_left():  # another pipe than stdout: an error like any other
+            print(f"hpo: error: {scrub(f'{type(err).__name__}: {err}')} (run with --debug for the traceback)", file=sys.stderr)
+            return 1
         # The reader left (`hpo status | head`): stop quietly, as Unix tools do. Python would
         # also fail flushing stdout at exit, so stdout points at /dev/null from here on.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return EXIT_BROKEN_PIPE
     except Exception as err:
         # Only the commands that draw import hpo.plots (through Optuna's importance evaluators it
@@ -71,6 +76,18 @@ def _main(argv: Sequence[str] | None) -> int:
             print(scrub(traceback.format_exc()), file=sys.stderr)
         print(f"hpo: error: {scrub(f'{type(err).__name__}: {err}')} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _reader_left() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _parser() -> argparse.ArgumentParser:

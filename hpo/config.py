@@ -32,7 +32,7 @@ VECTORIZE_KEYS = {"width", "data", "max_width", "lookahead"}
 VECTORIZE_DATA = ("shared", "per_slot")
 TASK_KEYS = {"model", "data", "kind", "train_step", "eval_step", "metrics"}
 TRAINER_KEYS = {f.name for f in dataclasses.fields(TrainerConfig)}
-SEED_LIMIT = 2**31  # seed + trial number, seed + worker index stay within numpy's 2**32
+SEED_LIMIT = 2**63  # torch.manual_seed takes 64 bits; trial n trains with seed + n
 
 
 @dataclass(frozen=True)
@@ -173,18 +173,18 @@ def validate(located: yamlfile.Located, source: str, *, import_task: bool = True
             report(("trainer", "checkpoint_dir"), f"{trainer.checkpoint_dir} is a file (expected a folder, made if missing)")
     given = raw.get("trainer")
     monitor = given.get("monitor") if isinstance(given, Mapping) else None  # the default is not the user's to fix
-    if task is not None and isinstance(monitor, str):
+    if import_task and task is not None and isinstance(monitor, str):
         known = task.reported_metrics(trainer.top_k)
         if monitor not in known:
             report(("trainer", "monitor"), f"the task does not report {monitor!r}{space_mod.did_you_mean(monitor, known)} "
-                                           f"(expected one of {', '.join(known)})")
+                                           f"(expected one of {', '.join(known)}; a custom eval_step's own go in task.metrics)")
     study = _study(_section(raw, "study", report), space, task, trainer.top_k, report)
     # A parameter whose spec was refused is missing from the space: a baseline value for it is not
     # a second mistake ("unknown parameter") but the same one.
-    refused = {key for p in problems if p.path[:1] == ("space",) for key in p.path[1:]}
+    refused = [_param_path(p.path) for p in problems if p.path[:1] == ("space",)]
     baseline = _baseline(raw.get("baseline", []), space,
-                         lambda path, message: None if message.startswith("unknown parameter") and path[-1] in refused
-                         else report(path, message))
+                         lambda path, message: None if message.startswith("unknown parameter")
+                         and any(r[:len(path) - 2] == path[2:] for r in refused) else report(path, message))
     if problems:
         problems.sort(key=lambda p: (p.line or 0))
         raise ConfigError(problems)
@@ -220,7 +220,7 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
     n_trials = _number(raw, path, "n_trials", int, report, minimum=1)
     timeout = _number(raw, path, "timeout", (int, float), report, minimum=0, exclusive=True)
     seed = _number(raw, path, "seed", int, report, minimum=0)
-    if seed is not None and seed >= SEED_LIMIT:  # numpy's and torch's generators take 32 bits; trial n adds n
+    if seed is not None and seed >= SEED_LIMIT:  # every trial failed in torch.manual_seed
         report((*path, "seed"), f"{seed} is too large (expected an integer below {SEED_LIMIT})")
         seed = None
     interval = _number(raw, path, "heartbeat_interval", int, report, minimum=1)
@@ -329,6 +329,18 @@ def _task(raw: dict, report: Callable, import_task: bool = True) -> TaskConfig |
     return TaskConfig(raw["model"], raw["data"], kind, raw.get("train_step"), raw.get("eval_step"), tuple(extra))
 
 
+def _param_path(path: tuple) -> tuple:
+    """A space problem's path as a baseline names the parameter: ``space.optimizer.choices.adam.beta1``
+    is ``optimizer.beta1`` there."""
+    keys, rest = [], iter(path[1:])
+    for key in rest:
+        if key == "choices":
+            next(rest, None)  # the branch's name is a value in the baseline, not a key
+        else:
+            keys.append(key)
+    return tuple(keys)
+
+
 def _loop_hparams(space: space_mod.Group, trainer: TrainerConfig, report: Callable) -> None:
     """The optimizer and schedule that the training loop builds from a trial's `optimizer` and
     `scheduler` params: a name it does not know, or an option the class does not take, would fail
@@ -337,6 +349,8 @@ def _loop_hparams(space: space_mod.Group, trainer: TrainerConfig, report: Callab
     from trainers.schedule import OPTIONS as SCHEDULES
 
     def check(key: str, name: Any, keys: Any, path: tuple) -> None:
+        if key == "scheduler" and name is None:
+            return  # no schedule for this choice (or trainer.scheduler's)
         known = OPTIMIZERS if key == "optimizer" else SCHEDULES
         name = str(name).lower() if key == "optimizer" else name
         if name not in known:
@@ -350,7 +364,11 @@ def _loop_hparams(space: space_mod.Group, trainer: TrainerConfig, report: Callab
 
     if trainer.optimizer.lower() not in OPTIMIZERS:
         check("optimizer", trainer.optimizer, (), ("trainer", "optimizer"))
-    for key, default in (("optimizer", trainer.optimizer), ("scheduler", None)):
+    # What a space entry without a name of its own merges over (`optimizer_spec`, `schedule.merge`).
+    scheduler = trainer.scheduler
+    defaults = {"optimizer": trainer.optimizer if trainer.optimizer.lower() in OPTIMIZERS else None,
+                "scheduler": ({"name": scheduler} if isinstance(scheduler, str) else dict(scheduler or {})).get("name")}
+    for key, default in defaults.items():
         node, path = space.children.get(key), ("space", key)
         if isinstance(node, space_mod.Branch):
             for choice, group in node.branches.items():
@@ -431,20 +449,28 @@ def _check_options(name: str, options: dict, path: tuple, report: Callable, buil
     # Optuna stores most options unchecked ("ten" trials fails at the eleventh ask): a number or a
     # boolean where the default is one.
     defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
-    mistyped = False
-    for key, value in options.items():
-        default = defaults.get(key)
-        kinds, what = ((bool,), "true or false") if isinstance(default, bool) else ((int,), "an integer") \
-            if isinstance(default, int) else ((int, float), "a number") if isinstance(default, float) else ((), "")
-        if kinds and (isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds)):
-            report((*path, "options", key), f"{value!r} is not {what} (expected {what}, as its default {default!r})")
-            mistyped = True
+    mistyped = [key for key, value in options.items() if not _like(value, defaults.get(key))]
+    for key in mistyped:
+        default = defaults[key]
+        what = "true or false" if isinstance(default, bool) else "an integer" if isinstance(default, int) else "a number"
+        report((*path, "options", key), f"{options[key]!r} is not {what} (expected {what}, as its default {default!r})")
     if mistyped:
         return
     try:
         build()
     except Exception as err:  # the library's own argument checks say what is wrong
         report((*path, "options"), f"{name} rejects these options: {err} (expected values {name} accepts)")
+
+
+def _like(value: Any, default: Any) -> bool:
+    """Whether `value` can stand where `default` is a boolean or a number (1 for true and 10.0 for
+    10 as Python takes them); any value where the default is something else."""
+    if isinstance(default, bool):
+        return isinstance(value, bool) or value in (0, 1)
+    if isinstance(default, (int, float)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and (isinstance(default, float) or float(value).is_integer())
+    return True
 
 
 def _one_or_many(raw: Mapping, path: tuple, one: str, many: str, report: Callable) -> list[str]:

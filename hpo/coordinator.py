@@ -48,8 +48,7 @@ def create(config: Config, storage: BaseStorage, *, on_exists: OnExists = "refus
     name = config.study.name
     existing = _find(storage, name)
     if existing is not None:
-        stored = storage.get_study_user_attrs(existing).get(CONFIG_ATTR)
-        same = stored is not None and config_from_dict(stored, name).fingerprint() == config.fingerprint()
+        same = _same_config(storage.get_study_user_attrs(existing).get(CONFIG_ATTR), name, config)
         if on_exists == "overwrite":
             optuna.delete_study(study_name=name, storage=storage)
         elif same or on_exists == "resume":
@@ -70,6 +69,15 @@ def create(config: Config, storage: BaseStorage, *, on_exists: OnExists = "refus
     for params in config.baseline:
         study.enqueue_trial(params, user_attrs={"hpo:baseline": True})
     return Created(study, resumed=False)
+
+
+def _same_config(stored: dict[str, Any] | None, name: str, config: Config) -> bool:
+    if stored is None:
+        return False
+    try:
+        return config_from_dict(stored, name).fingerprint() == config.fingerprint()
+    except ConfigError:  # stored by an hpo that checked less: not this file's, and --resume or --overwrite may replace it
+        return False
 
 
 def load(name: str, storage: BaseStorage, *, import_task: bool = True) -> tuple[optuna.Study, Config]:

@@ -71,7 +71,8 @@ def build(study: optuna.Study, config, *, storage_label: str = "", evaluator: st
 def write(page: str, out: str, study_name: str) -> str:
     """Writes to `out` (a .html file, or a folder that gets ``<study>.html``); returns the path."""
     suffix = os.path.splitext(out)[1].lower()
-    if suffix and suffix not in (".html", ".htm") and not os.path.isdir(out):  # r.txt: a typo, not a folder to make
+    # r.txt is a typo, not a folder to make; a folder may still have a dot (runs/v1.2).
+    if suffix[1:].isalpha() and suffix not in (".html", ".htm") and not os.path.isdir(out):
         raise plots.PlotError(f"cannot write {out}: unknown file type {suffix} (expected an .html file, or a folder)")
     path = out if suffix in (".html", ".htm") else os.path.join(out, f"{study_name}.html")
     with plots.writable(path), open(path, "w", encoding="utf-8") as f:

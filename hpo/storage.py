@@ -44,7 +44,7 @@ DEFAULT_URL = "hpo.journal"
 ENV_VAR = "HPO_STORAGE"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # A password given as a query field, which redis-py, libpq and SQLAlchemy all accept.
-_QUERY_SECRET = re.compile(r"([?&;](?:password|passwd|pwd)=)([^&;#]*)", re.IGNORECASE)
+_QUERY_SECRET = re.compile(r"([?&;](?:ssl)?(?:password|passwd|pwd)=)([^&;#]*)", re.IGNORECASE)
 _RDB_SCHEMES = ("postgresql", "postgres", "mysql", "mariadb", "sqlite")
 # How old a Redis journal reply may be and still serve a read (the Optuna sampler's and pruner's
 # reads of the study): other workers' writes of the last 50 ms are missed, as they would be by a
@@ -200,7 +200,7 @@ def _check_password_encoded(url: str) -> None:
     """A password with a raw ``#``, ``?`` or ``/`` is read differently by each driver, and a parser
     that stops at one may show the rest in its error; asked for percent-encoded instead."""
     span = _userinfo(url)
-    if span is None or url.count("@") != 1:  # several: an @ in the query may end the span, not the password
+    if span is None:
         return
     password = url[span[0]:span[1]].partition(":")[2]
     raw = next((c for c in "#?/" if c in password), None)
@@ -210,12 +210,27 @@ def _check_password_encoded(url: str) -> None:
 
 
 def _userinfo(url: str) -> tuple[int, int] | None:
-    """Where ``user:password`` lies in `url`: from ``://`` to the last ``@``. Read off the text, not
-    by `urlsplit`, which ends the user part at a ``#``, ``?`` or ``/`` that an unencoded password may
-    hold (the drivers accept such URLs) and then shows the rest of the password as the path."""
+    """Where ``user:password`` lies in `url`, or None. Usually `urlsplit`'s user part. Where that has
+    no ``@`` but the text has one later, it is either an ``@`` in the path or query (no password),
+    or a password holding a raw ``/``, ``?`` or ``#`` (the drivers accept those, and urlsplit ends
+    the user part there, showing the rest of the password as the path): a port after the colon
+    says the former."""
     match = _SCHEME.match(url)
-    at = url.rfind("@")
-    return (match.end(), at) if match and at > match.end() else None
+    if match is None:
+        return None
+    start = match.end()
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:  # a malformed host, e.g. an unclosed IPv6 bracket
+        netloc = ""
+    if "@" in netloc:
+        return start, start + netloc.rfind("@")
+    at = url.find("@", start)
+    if at < 0:
+        return None
+    head = re.split(r"[/?#]", url[start:at], maxsplit=1)[0]
+    user, colon, rest = head.partition(":")
+    return (start, at) if colon and not rest.isdigit() else None
 
 
 def _secrets(url: str) -> set[str]:

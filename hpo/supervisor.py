@@ -37,14 +37,12 @@ def slots(gpus: str | None, per_gpu: int, jobs: int | None) -> list[Slot]:
             raise SupervisorError(f"--per-gpu {per_gpu} packs workers on the GPUs that --gpus names "
                                   "(expected --gpus LIST or all with it; --jobs J for CPU workers)")
         return [Slot(i, None) for i in range(jobs or 1)]
-    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
-    visible = [d.strip() for d in inherited.split(",") if d.strip()] if inherited is not None else None
-    if visible is None:
-        import torch
+    import torch
 
-        count = torch.cuda.device_count()
-    else:
-        count = len(visible)
+    # CUDA's own count: it stops at an entry that names no GPU ("-1", "NoDevFiles").
+    count = torch.cuda.device_count()
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [d.strip() for d in inherited.split(",")] if inherited is not None else None
     if gpus == "all":
         ids = list(range(count))
         if not ids:

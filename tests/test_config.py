@@ -154,19 +154,27 @@ def test_optimizer_and_schedule_the_loop_cannot_build(tmp_path: Path) -> None:
         "FILE:24: space.scheduler.gama: scheduler step takes no option 'gama'; did you mean gamma? "
         "(expected one of gamma, step_size, warmup_steps)",
     ]
+    # No schedule is a choice too; a group without a name merges over trainer.scheduler's.
+    merged = VALID.replace("  epochs: 2\n", "  epochs: 2\n  scheduler: step\n") + \
+        "  scheduler:\n    min_lr: {type: float, low: 0.0, high: 0.01}\n"
+    assert problems(tmp_path, merged) == [
+        "FILE:24: space.scheduler.min_lr: scheduler step takes no option 'min_lr' (expected one of gamma, step_size, warmup_steps)"]
+    path = tmp_path / "ok.yaml"
+    path.write_text(VALID + "  scheduler: {type: categorical, choices: [null, cosine]}\n")
+    assert load_config(str(path))
     fixed = VALID.replace("  optimizer:\n    type: categorical", "  optimizer: sgdd\n  unused:\n    type: categorical")
     assert problems(tmp_path, fixed) == [
         "FILE:15: space.optimizer: unknown optimizer 'sgdd'; did you mean sgd? (expected one of adam, adamw, sgd, rmsprop, adagrad)"]
 
 
 def test_trainer_optimizer_monitor_and_seed_that_would_fail_every_trial(tmp_path: Path) -> None:
-    text = VALID.replace("  pruner: median\n", "  pruner: median\n  seed: 99999999999999999999\n")
+    text = VALID.replace("  pruner: median\n", "  pruner: median\n  seed: 9223372036854775808\n")  # 2**63
     text = text.replace("  epochs: 2\n", "  epochs: 2\n  optimizer: lamb\n  monitor: val_acuracy\n")
     assert problems(tmp_path, text) == [
-        "FILE:8: study.seed: 99999999999999999999 is too large (expected an integer below 2147483648)",
+        "FILE:8: study.seed: 9223372036854775808 is too large (expected an integer below 9223372036854775808)",
         "FILE:11: trainer.optimizer: unknown optimizer 'lamb' (expected one of adam, adamw, sgd, rmsprop, adagrad)",
         "FILE:12: trainer.monitor: the task does not report 'val_acuracy'; did you mean val_accuracy? (expected one of train_loss, "
-        "val_loss, val_accuracy, val_top5_accuracy, val_f1)",
+        "val_loss, val_accuracy, val_top5_accuracy, val_f1; a custom eval_step's own go in task.metrics)",
     ]
 
 
@@ -178,11 +186,15 @@ def test_grid_over_a_continuous_space_is_one_line(tmp_path: Path) -> None:
 
 def test_option_of_the_wrong_type(tmp_path: Path) -> None:
     # Optuna keeps it unchecked: n_startup_trials "ten" failed at the eleventh ask.
-    text = VALID.replace("sampler: tpe", "sampler: {name: tpe, options: {n_startup_trials: ten, group: 1}}")
+    text = VALID.replace("sampler: tpe", "sampler: {name: tpe, options: {n_startup_trials: ten, group: 'yes'}}")
     assert problems(tmp_path, text) == [
         "FILE:6: study.sampler.options.n_startup_trials: 'ten' is not an integer (expected an integer, as its default 10)",
-        "FILE:6: study.sampler.options.group: 1 is not true or false (expected true or false, as its default False)",
+        "FILE:6: study.sampler.options.group: 'yes' is not true or false (expected true or false, as its default False)",
     ]
+    # As Python takes them: 1 for true, 10.0 for 10.
+    path = tmp_path / "ok.yaml"
+    path.write_text(VALID.replace("sampler: tpe", "sampler: {name: tpe, options: {n_startup_trials: 10.0, group: 1}}"))
+    assert load_config(str(path))
 
 
 def test_checkpoint_dir_that_is_a_file(tmp_path: Path) -> None:
@@ -279,10 +291,13 @@ def test_baseline_outside_the_space(tmp_path: Path) -> None:
 
 
 def test_a_baseline_value_of_a_refused_parameter_is_not_a_second_mistake(tmp_path: Path) -> None:
-    text = VALID.replace("low: 1.0e-4, high: 1.0e-1", "low: 1.0e-1, high: 1.0e-4") + "baseline:\n  - {lr: 0.01, bogus: 1}\n"
+    text = VALID.replace("low: 1.0e-4, high: 1.0e-1", "low: 1.0e-1, high: 1.0e-4").replace("low: 0.5, high: 0.99", "low: 0.99, high: 0.5")
+    text += "baseline:\n  - {lr: 0.01, bogus: 1, momentum: 0.9, optimizer: {name: sgd, momentum: 0.9}}\n"
     assert problems(tmp_path, text) == [
         "FILE:14: space.lr.low: low 0.1 is not below high 0.0001 (expected low < high)",
+        "FILE:21: space.optimizer.choices.sgd.momentum.low: low 0.99 is not below high 0.5 (expected low < high)",
         "FILE:23: baseline[0].bogus: unknown parameter",
+        "FILE:23: baseline[0].momentum: unknown parameter",  # the space's momentum is the branch's
     ]
 
 

@@ -126,13 +126,18 @@ def test_gpu_numbers_count_the_gpus_this_process_sees(monkeypatch: pytest.Monkey
 
     # Under Slurm with GPUs 2 and 5 allocated: GPU 0 and 1 are those, never the machine's 0 and 1.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     assert [(s.index, s.device) for s in supervisor.slots("all", 2, None)] == [(0, "2"), (1, "2"), (2, "5"), (3, "5")]
     assert [s.device for s in supervisor.slots("1", 1, None)] == ["5"]
     with pytest.raises(supervisor.SupervisorError, match=r"^--gpus 0,2: no GPU 2 here \(GPUs 0-1 visible in CUDA_VISIBLE_DEVICES=2,5;"):
         supervisor.slots("0,2", 1, None)
+    # CUDA counts up to an entry that names no GPU: "-1" hides them all.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    with pytest.raises(supervisor.SupervisorError, match=r"^--gpus all: no GPU is visible here"):
+        supervisor.slots("all", 1, None)
     # Without it, torch's count (none on a CPU machine): a typo'd GPU is an error, not a CPU worker.
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
     with pytest.raises(supervisor.SupervisorError, match=r"^--gpus 0: no GPU 0 here \(no GPU visible; --jobs J for CPU workers\)$"):
         supervisor.slots("0", 1, None)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 4)

@@ -73,6 +73,8 @@ def test_an_output_that_cannot_be_written_is_one_line(journal, tmp_path):
     assert (typo.returncode, typo.stderr) == (2, f"hpo: error: cannot write {tmp_path / 'r.txt'}: unknown file type .txt "
                                                  "(expected an .html file, or a folder)\n")
     assert not (tmp_path / "r.txt").exists()
+    dotted = hpo("report", "-o", str(tmp_path / "v1.2"), "--storage", journal)  # a folder's name may have a dot
+    assert dotted.returncode == 0 and (tmp_path / "v1.2" / "hand.html").exists(), dotted.stderr
     port = hpo("dashboard", "--port", "99999", "--storage", journal)
     assert port.returncode == 2 and port.stderr.endswith("error: argument --port: must be 0-65535, got 99999\n")
 

@@ -140,6 +140,10 @@ def test_redact_hides_only_the_password() -> None:
     assert redact("postgresql://bob:pa/ss#w?rd@db:5432/hpo") == "postgresql://bob:***@db:5432/hpo"
     assert redact(f"redis://cache:6379/0?password={SECRET}&prefix=a") == "redis://cache:6379/0?password=***&prefix=a"
     assert redact(f"mysql://root:{SECRET}@[::1/x") == "mysql://root:***@[::1/x"
+    # An @ after the host, and no password: nothing to hide, nothing refused.
+    for url in ("redis://localhost:6379/0?prefix=team@lab", "sqlite:///runs@v2/hpo.db"):
+        assert redact(url) == url
+    assert redact(f"redis://:{SECRET}@host:6379/0?prefix=team@lab") == "redis://:***@host:6379/0?prefix=team@lab"
 
 
 @pytest.mark.parametrize("password", ["pa#ss", "pa/ss", "pa?ss"])

@@ -321,6 +321,19 @@ def test_existing_study_with_another_config_is_refused_unless_asked(tmp_path: Pa
     assert hpo("create", str(changed), "--storage", url, "--overwrite", cwd=tmp_path).returncode == 0
 
 
+def test_a_stored_config_that_no_longer_validates_can_be_replaced(tmp_path: Path) -> None:
+    # Stored by an hpo that checked less (here a seed torch refuses): this file resumes or overwrites it.
+    config = load_config(str(write_study(tmp_path, "old", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}})))
+    storage = open_storage(str(tmp_path / "h.journal"))
+    created = coordinator.create(config, storage)
+    created.study.set_user_attr(coordinator.CONFIG_ATTR, {**config.raw, "study": {**config.raw["study"], "seed": 2**64}})
+    with pytest.raises(coordinator.StudyError, match="already exists with a different config"):
+        coordinator.create(config, storage)
+    assert coordinator.create(config, storage, on_exists="resume").resumed
+    created.study.set_user_attr(coordinator.CONFIG_ATTR, {**config.raw, "study": {**config.raw["study"], "seed": 2**64}})
+    assert not coordinator.create(config, storage, on_exists="overwrite").resumed
+
+
 def test_unknown_study_is_one_line(tmp_path: Path) -> None:
     url = str(tmp_path / "h.journal")
     write = write_study(tmp_path, "known", {"lr": 0.1, "x": {"type": "int", "low": 1, "high": 2}})

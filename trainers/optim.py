@@ -6,6 +6,7 @@ trials, data parallel) can reuse it with their own step and their own metrics.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -33,8 +34,6 @@ IMPLEMENTATION = ("fused", "foreach", "differentiable", "capturable")
 def options(name: str) -> set[str]:
     """The keys a spec for optimizer `name` may hold besides ``name``: its class's keyword
     arguments, and ``beta1``/``beta2`` where it takes ``betas``."""
-    import inspect
-
     taken = set(inspect.signature(OPTIMIZERS[name]).parameters) - {"self", "params"}
     return taken | {"beta1", "beta2"} if "betas" in taken else taken
 
