@@ -169,15 +169,7 @@ def validate(located: yamlfile.Located, source: str, *, import_task: bool = True
     trainer = _trainer(_section(raw, "trainer", report), report)
     if import_task:  # torch is imported with the task anyway; a stored config needs neither
         _loop_hparams(space, trainer, report)
-        if trainer.checkpoint_dir is not None and os.path.exists(trainer.checkpoint_dir) and not os.path.isdir(trainer.checkpoint_dir):
-            report(("trainer", "checkpoint_dir"), f"{trainer.checkpoint_dir} is a file (expected a folder, made if missing)")
-    given = raw.get("trainer")
-    monitor = given.get("monitor") if isinstance(given, Mapping) else None  # the default is not the user's to fix
-    if import_task and task is not None and isinstance(monitor, str):
-        known = task.reported_metrics(trainer.top_k)
-        if monitor not in known:
-            report(("trainer", "monitor"), f"the task does not report {monitor!r}{space_mod.did_you_mean(monitor, known)} "
-                                           f"(expected one of {', '.join(known)}; a custom eval_step's own go in task.metrics)")
+        _trainer_here(raw.get("trainer"), trainer, task, report)
     study = _study(_section(raw, "study", report), space, task, trainer.top_k, report)
     # A parameter whose spec was refused is missing from the space: a baseline value for it is not
     # a second mistake ("unknown parameter") but the same one.
@@ -341,12 +333,25 @@ def _param_path(path: tuple) -> tuple:
     return tuple(keys)
 
 
+def _trainer_here(given: Any, trainer: TrainerConfig, task: TaskConfig | None, report: Callable) -> None:
+    """What only the machine that runs the study, with the task, can tell of the trainer settings:
+    a checkpoint folder that is a file, a monitor that the task does not report."""
+    if trainer.checkpoint_dir is not None and os.path.exists(trainer.checkpoint_dir) and not os.path.isdir(trainer.checkpoint_dir):
+        report(("trainer", "checkpoint_dir"), f"{trainer.checkpoint_dir} is a file (expected a folder, made if missing)")
+    monitor = given.get("monitor") if isinstance(given, Mapping) else None  # the default is not the user's to fix
+    known = task.reported_metrics(trainer.top_k) if task is not None else ()
+    if known and isinstance(monitor, str) and monitor not in known:
+        report(("trainer", "monitor"), f"the task does not report {monitor!r}{space_mod.did_you_mean(monitor, known)} "
+                                       f"(expected one of {', '.join(known)}; a custom eval_step's own go in task.metrics)")
+
+
 def _loop_hparams(space: space_mod.Group, trainer: TrainerConfig, report: Callable) -> None:
     """The optimizer and schedule that the training loop builds from a trial's `optimizer` and
     `scheduler` params: a name it does not know, or an option the class does not take, would fail
     every trial that draws it, long after the study was created."""
     from trainers.optim import OPTIMIZERS, options
     from trainers.schedule import OPTIONS as SCHEDULES
+    from trainers.schedule import as_spec
 
     def check(key: str, name: Any, keys: Any, path: tuple) -> None:
         if key == "scheduler" and name is None:
@@ -365,9 +370,8 @@ def _loop_hparams(space: space_mod.Group, trainer: TrainerConfig, report: Callab
     if trainer.optimizer.lower() not in OPTIMIZERS:
         check("optimizer", trainer.optimizer, (), ("trainer", "optimizer"))
     # What a space entry without a name of its own merges over (`optimizer_spec`, `schedule.merge`).
-    scheduler = trainer.scheduler
     defaults = {"optimizer": trainer.optimizer if trainer.optimizer.lower() in OPTIMIZERS else None,
-                "scheduler": ({"name": scheduler} if isinstance(scheduler, str) else dict(scheduler or {})).get("name")}
+                "scheduler": as_spec(trainer.scheduler).get("name") if trainer.scheduler is not None else None}
     for key, default in defaults.items():
         node, path = space.children.get(key), ("space", key)
         if isinstance(node, space_mod.Branch):
