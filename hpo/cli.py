@@ -55,17 +55,14 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("hpo: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError as err:
-        if not _reader_left():  # another pipe than stdout: an error like any other
-            print(f"hpo: error: {scrub(f'{type(err).__name__}: {err}')} (run with --debug for the traceback)", file=sys.stderr)
-            return 1
-        # The reader left (`hpo status | head`): stop quietly, as Unix tools do. Python would
-        # also fail flushing stdout at exit, so stdout points at /dev/null from here on.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return EXIT_BROKEN_PIPE
     except Exception as err:
+        if isinstance(err, BrokenPipeError) and _reader_left():
+            # The reader left (`hpo status | head`): stop quietly, as Unix tools do. Python would
+            # also fail flushing stdout at exit, so stdout points at /dev/null from here on.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return EXIT_BROKEN_PIPE
         # Only the commands that draw import hpo.plots (through Optuna's importance evaluators it
         # pulls in scikit-learn: a second of start-up that every other command would pay).
         plots = sys.modules.get("hpo.plots")

@@ -353,15 +353,18 @@ def _loop_hparams(space: space_mod.Group, trainer: TrainerConfig, report: Callab
     from trainers.schedule import OPTIONS as SCHEDULES
     from trainers.schedule import as_spec
 
+    # Per kind: the names the loop knows, and the options each takes.
+    kinds = {"optimizer": (OPTIMIZERS, options), "scheduler": (SCHEDULES, SCHEDULES.__getitem__)}
+
     def check(key: str, name: Any, keys: Any, path: tuple) -> None:
         if key == "scheduler" and name is None:
             return  # no schedule for this choice (or trainer.scheduler's)
-        known = OPTIMIZERS if key == "optimizer" else SCHEDULES
-        name = str(name).lower() if key == "optimizer" else name
+        known, options_of = kinds[key]
+        name = str(name).lower() if key == "optimizer" else name  # as build_optimizer reads it
         if name not in known:
             report(path, f"unknown {key} {name!r}{space_mod.did_you_mean(name, known)} (expected one of {', '.join(known)})")
             return
-        allowed = options(name) if key == "optimizer" else SCHEDULES[name]
+        allowed = options_of(name)
         for option in keys:
             if option != "name" and option not in allowed:
                 report((*path, option), f"{key} {name} takes no option {option!r}{space_mod.did_you_mean(option, allowed)} "

@@ -188,25 +188,31 @@ def _rdb_lock(storage: RDBStorage, key: str) -> Iterator[None]:
 
 def redact(url: str) -> str:
     """The URL with its password (in the user part or a ``password=`` query field) as ``***``."""
-    span = _userinfo(url)
-    if span is not None:
-        user, colon, _ = url[span[0]:span[1]].partition(":")
-        if colon:
-            url = f"{url[:span[0]]}{user}:***{url[span[1]:]}"
+    found = _credentials(url)
+    if found is not None and found[3] is not None:
+        start, end, user, _ = found
+        url = f"{url[:start]}{user}:***{url[end:]}"
     return scrub(_QUERY_SECRET.sub(r"\1***", url))
 
 
 def _check_password_encoded(url: str) -> None:
     """A password with a raw ``#``, ``?`` or ``/`` is read differently by each driver, and a parser
     that stops at one may show the rest in its error; asked for percent-encoded instead."""
-    span = _userinfo(url)
-    if span is None:
-        return
-    password = url[span[0]:span[1]].partition(":")[2]
-    raw = next((c for c in "#?/" if c in password), None)
+    found = _credentials(url)
+    password = found[3] if found is not None else None
+    raw = next((c for c in "#?/" if c in password), None) if password else None
     if raw is not None:
         raise StorageError(f"the password in {redact(url)} holds a raw {raw!r}: percent-encode it "
                            f"({quote(raw, safe='')}; Python: urllib.parse.quote(password, safe=''))")
+
+
+def _credentials(url: str) -> tuple[int, int, str, str | None] | None:
+    """Where ``user:password`` lies in `url`, the user, and the password (None without a colon)."""
+    span = _userinfo(url)
+    if span is None:
+        return None
+    user, colon, password = url[span[0]:span[1]].partition(":")
+    return span[0], span[1], user, password if colon else None
 
 
 def _userinfo(url: str) -> tuple[int, int] | None:
@@ -236,9 +242,9 @@ def _userinfo(url: str) -> tuple[int, int] | None:
 def _secrets(url: str) -> set[str]:
     """The passwords in `url`, as written and percent-decoded (a driver's error may show either)."""
     found = [m.group(2) for m in _QUERY_SECRET.finditer(url)]
-    span = _userinfo(url)
-    if span is not None:
-        found.append(url[span[0]:span[1]].partition(":")[2])
+    credentials = _credentials(url)
+    if credentials is not None and credentials[3]:
+        found.append(credentials[3])
     return {form for secret in found if secret for form in (secret, unquote(secret))}
 
 

@@ -70,7 +70,7 @@ def load(text: str) -> Located:
         raise YamlSyntaxError(text.count("\n", 0, err.position) + 1, f"character {shown} is not allowed in YAML") from None
     located = Located(data=None)
     if node is not None:
-        located.data = _build(node, (), located, _Loader(""), [MAX_VALUES])
+        located.data = _build(node, (), located, _Loader(""))
     return located
 
 
@@ -79,9 +79,8 @@ def load(text: str) -> Located:
 MAX_VALUES = 100_000
 
 
-def _build(node: yaml.Node, path: Path, out: Located, loader: _Loader, left: list[int]) -> Any:
-    left[0] -= 1
-    if left[0] < 0:
+def _build(node: yaml.Node, path: Path, out: Located, loader: _Loader) -> Any:
+    if len(out.lines) >= MAX_VALUES:  # one path per value built, an alias's copies each their own
         raise YamlSyntaxError(node.start_mark.line + 1, f"the file expands to more than {MAX_VALUES} values "
                                                          "(aliases of aliases?)")
     out.lines.setdefault(path, node.start_mark.line + 1)
@@ -96,8 +95,8 @@ def _build(node: yaml.Node, path: Path, out: Located, loader: _Loader, left: lis
             if key in result:
                 out.duplicates.append((child, key_node.start_mark.line + 1))
             out.lines[child] = key_node.start_mark.line + 1
-            result[key] = _build(value_node, child, out, loader, left)
+            result[key] = _build(value_node, child, out, loader)
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [_build(item, (*path, i), out, loader, left) for i, item in enumerate(node.value)]
+        return [_build(item, (*path, i), out, loader) for i, item in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
