@@ -326,11 +326,12 @@ def test_a_stored_config_that_no_longer_validates_can_be_replaced(tmp_path: Path
     config = load_config(str(write_study(tmp_path, "old", {"lr": {"type": "float", "low": 1e-3, "high": 1e-1}})))
     storage = open_storage(str(tmp_path / "h.journal"))
     created = coordinator.create(config, storage)
-    created.study.set_user_attr(coordinator.CONFIG_ATTR, {**config.raw, "study": {**config.raw["study"], "seed": 2**64}})
+    refused = {**config.raw, "study": {**config.raw["study"], "seed": 2**64}}
+    created.study.set_user_attr(coordinator.CONFIG_ATTR, refused)
     with pytest.raises(coordinator.StudyError, match="already exists with a different config"):
         coordinator.create(config, storage)
     assert coordinator.create(config, storage, on_exists="resume").resumed
-    created.study.set_user_attr(coordinator.CONFIG_ATTR, {**config.raw, "study": {**config.raw["study"], "seed": 2**64}})
+    created.study.set_user_attr(coordinator.CONFIG_ATTR, refused)
     assert not coordinator.create(config, storage, on_exists="overwrite").resumed
 
 
