@@ -84,10 +84,10 @@ class Heartbeat:
         self._running = [] if trial is None else list(trial) if isinstance(trial, (list, tuple)) else [trial]
         self._beat_new()
 
-    def ahead(self, trial: optuna.Trial | None) -> None:
-        """Marks the trial this worker asked for ahead (`worker.asks_ahead`): it is RUNNING in the
-        storage before it trains, and must be found stale too if the worker dies meanwhile."""
-        self._ahead = [] if trial is None else [trial]
+    def ahead(self, trial: optuna.Trial | list[optuna.Trial] | None) -> None:
+        """Marks the trial(s) this worker asked for ahead (`worker.asks_ahead`): RUNNING in the
+        storage before they train, they must be found stale too if the worker dies meanwhile."""
+        self._ahead = [] if trial is None else list(trial) if isinstance(trial, (list, tuple)) else [trial]
         self._beat_new()
 
     def telling(self, trial: optuna.Trial) -> None:

@@ -20,6 +20,12 @@ architecture, and trains each group as one stacked model (`trainers.vectorized`)
   epoch 0 in the freed slot. A new trial of another
   architecture is not run solo at once but kept for the next group (it usually finds partners
   there), and the current group shrinks by one instead.
+- **Asking ahead.** Where the worker asks ahead (`worker.asks_ahead`: Redis and databases, or
+  ``study.ask_ahead: true``), the trials that will refill the slots in their last epoch are asked
+  for and sampled on the storage thread while that epoch trains: the sampler works beside the
+  training instead of between epochs, and sees the results told up to the epoch before (as a solo
+  worker's next trial misses the running one's). They wait RUNNING and beating, and a worker that
+  stops hands them back. Slots freed by pruning are refilled by an ask at the epoch's end.
 - **Checkpoints.** With ``trainer.checkpoint_dir`` each slot writes its trial's checkpoints in
   the trial's own directory, in `fit`'s format: a handed-back trial's retry (which always runs
   alone) resumes from them.
@@ -35,6 +41,7 @@ import copy
 import dataclasses
 import sys
 import traceback
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -47,7 +54,7 @@ from hpo import coordinator, heartbeat, objective, overlap
 from hpo import space as space_mod
 from hpo.config import Config
 from hpo.outage import persist
-from hpo.worker import Interrupted, Signals, Summary, finish, hand_back, restore_signals, trial_attrs
+from hpo.worker import Interrupted, Signals, Summary, asks_ahead, finish, hand_back, restore_signals, trial_attrs
 from trainers import vectorized
 from trainers.vectorized import NotVectorizable, Slot
 
@@ -81,6 +88,8 @@ class Population:
         self.pool: list[Member] = []  # asked, not yet training
         self.active: list[Member] = []  # training in the current group
         self.budget_spent = False
+        self.asks_ahead = asks_ahead(config, study._storage)
+        self.pending: Future | None = None  # trials asked ahead on the storage thread, for the next refills
         self.freed = 0  # slots ended in this epoch of the group and not yet refilled
         self.signals = Signals()  # SIGINT or SIGTERM, noted while a group trains
         self.warned: set[str] = set()
@@ -96,7 +105,10 @@ class Population:
         try:
             self._run()
         finally:
-            self.behind.close()
+            try:
+                self._hand_back_pending()
+            finally:
+                self.behind.close()
 
     def _run(self) -> None:
         while not self.summary.interrupted:
@@ -124,19 +136,59 @@ class Population:
         return (self.width or 1) * self.vectorize.lookahead
 
     def _ask(self, n: int) -> list[Member]:
-        if n <= 0 or self.budget_spent:
+        """Up to `n` new trials into the pool; those asked ahead instead, when there are."""
+        if self.pending is not None:
+            asked, wanted = self.pending.result()
+            self.pending = None
+        elif n <= 0 or self.budget_spent:
             return []
-        attrs = trial_attrs(self.summary.worker, self.sampler_seed)
-        # The sampler sees every result told so far: one seeded worker proposes the same trials every
-        # run. (A failed write is raised between groups, not here inside a group's refill.)
-        self.behind.wait()
-        asked, _ = persist(partial(coordinator.ask, self.study, self.config, n, attrs), "asking for trials", self.patience)
-        if len(asked) < n:
+        else:
+            # The sampler sees every result told so far: one seeded worker proposes the same trials
+            # every run. (A failed write is raised between groups, not here inside a group's refill.)
+            self.behind.wait()
+            asked, wanted = self._asked(n)
+        if len(asked) < wanted:
             self.budget_spent = True
         members = [self._member(trial) for trial in asked]
         self.pool.extend(members)
-        self._beat()
+        self._beat()  # before they leave `ahead`: a beat that listed them nowhere would orphan them
+        self.beat.ahead(None)
         return members
+
+    def _ask_ahead(self, slots: list[Slot]) -> None:
+        """Before an epoch: asks, on the storage thread, for the trials that will refill the slots
+        whose last epoch this is (those that pruning frees are asked for when they are)."""
+        if not self.asks_ahead or self.pending is not None or self.budget_spent:
+            return
+        waiting = sum(m.signature == self.group_signature for m in self.pool)
+        n = sum(s.epoch + 1 >= self.trainer_config.epochs for s in slots) - waiting
+        if n > 0:
+            self.pending = self.behind.submit(partial(self._asked, n, sample=True))
+
+    def _asked(self, n: int, *, sample: bool = False) -> tuple[list[optuna.Trial], int]:
+        """`n` new trials (fewer when the budget is spent) and `n`; on the storage thread, sampled too."""
+        attrs = trial_attrs(self.summary.worker, self.sampler_seed)
+        asked, _ = persist(partial(coordinator.ask, self.study, self.config, n, attrs), "asking for trials", self.patience)
+        if sample:
+            self.beat.ahead(asked)
+            for trial in asked:
+                persist(partial(space_mod.suggest, trial, self.config.space), "sampling a trial", self.patience)
+        return asked, n
+
+    def _hand_back_pending(self) -> None:
+        """The trials asked ahead that will not train here go back to the queue with their params."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        try:
+            asked, _ = pending.result()
+        except Exception:
+            return  # the ask failed: no trial, or one that the sweeper fails once the beats stop
+        for trial in asked:
+            overlap.persisted(self.behind.write, partial(hand_back, self.study, trial, self.summary.interrupted or "an error in the worker"),
+                              "handing back a trial", self.patience)
+        self.behind.wait()
+        self.beat.ahead(None)
 
     def _member(self, trial: optuna.Trial) -> Member:
         seed = objective.trial_seed(self.config, trial.number)
@@ -187,7 +239,8 @@ class Population:
             vectorized.fit_stacked(
                 [m.model for m in group], slots, data, self.trainer_config, kind=self.config.task.kind,
                 per_slot_data=self.vectorize.data == "per_slot", seed=group[0].seed,
-                refill=self._refill, on_slot_end=self._end, stop=lambda: self.signals.name is not None,
+                refill=self._refill, on_slot_end=self._end, before_epoch=self._ask_ahead,
+                stop=lambda: self.signals.name is not None,
             )
             if self.signals.name is not None:  # came during the last tell
                 raise vectorized.Stopped([])

@@ -50,14 +50,15 @@ MODELS = {
     "conv": ("digits_conv.yaml", {"blocks": 2, "channels": 16, "activation": "relu", "dropout": DROPOUT}),
 }
 # The run's settings: device, precision and the population's lookahead.
-SETTINGS = {"lookahead": 1, "device": "cpu", "precision": "32"}
+SETTINGS = {"lookahead": 1, "device": "cpu", "precision": "32", "ask_ahead": False}
 
 
 def study_raw(space: str, trials: int, epochs: int, width: str | None, model: str = "mlp") -> dict:
     shipped, fixed = MODELS[model]
     with open(os.path.join(ROOT, "search_spaces", shipped)) as f:
         raw = yaml.safe_load(f)
-    raw["study"].update({"name": f"bench-{model}-{space}-{'solo' if width is None else 'vec'}", "n_trials": trials})
+    raw["study"].update({"name": f"bench-{model}-{space}-{'solo' if width is None else 'vec'}", "n_trials": trials,
+                         "ask_ahead": SETTINGS["ask_ahead"]})
     raw["trainer"].update({"epochs": epochs, "device": SETTINGS["device"], "threads": 1, "precision": SETTINGS["precision"]})
     if space == "fixed-arch":
         raw["space"]["model"] = dict(fixed)
@@ -125,8 +126,10 @@ def main() -> None:
                         help="mlp: search_spaces/digits_mlp.yaml; conv: search_spaces/digits_conv.yaml")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
+    parser.add_argument("--ask-ahead", action="store_true",
+                        help="study.ask_ahead: true on both sides (the default with Redis or a database; off on the journal file)")
     args = parser.parse_args()
-    SETTINGS.update(lookahead=args.lookahead, device=args.device, precision=args.precision)
+    SETTINGS.update(lookahead=args.lookahead, device=args.device, precision=args.precision, ask_ahead=args.ask_ahead)
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = []
@@ -146,7 +149,8 @@ def main() -> None:
                 rows.append((f"{model} {space}", median_run(runs["solo"]), median_run(runs["vec"]), paired))
     where = "CPU, 1 thread" if args.device == "cpu" else f"{torch.cuda.get_device_name(args.device)}, {args.precision}"
     print(f"digits {'/'.join(args.model)}, {args.trials} trials x {args.epochs} epochs, {where}, TPE seed 0, "
-          f"median pruner, median of {args.rounds} rounds, lookahead {args.lookahead}\n")
+          f"median pruner, median of {args.rounds} rounds, lookahead {args.lookahead}, "
+          f"ask_ahead {'on' if args.ask_ahead else 'off'}\n")
     print("| model and space | mode | wall s | trials/hour | ratio | trial-epochs/s | ratio | best val_accuracy | s to reach "
           f"{args.target} | pruned | mean group |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -620,16 +620,25 @@ def model(params):
         return Recurrent(width)
     if m.get("norm"):
         return nn.Sequential(nn.Linear(8, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 2))
+    if m.get("slow"):  # a training step of 0.1 s: long enough epochs to stop a worker inside one
+        return nn.Sequential(nn.Linear(8, width), Slow(), nn.ReLU(), nn.Linear(width, 2))
     return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Dropout(m.get("dropout", 0.0)), nn.Linear(width, 2))
+
+class Slow(nn.Module):
+    def forward(self, x):
+        if self.training:
+            import time
+            time.sleep(0.1)
+        return x
 '''
 
 
 def pop_study(tmp_path, name: str, *, vectorize: dict | None, baseline: list, n_trials: int, epochs: int = 4,
-              pruner: Any = "none", space: dict | None = None, trainer: dict | None = None) -> str:
+              pruner: Any = "none", space: dict | None = None, trainer: dict | None = None, study: dict | None = None) -> str:
     (tmp_path / "poptask.py").write_text(POP_TASK)
     raw = {
         "study": {"name": name, "direction": "maximize", "metric": "val_accuracy", "n_trials": n_trials, "seed": 3,
-                  "sampler": "random", "pruner": pruner},
+                  "sampler": "random", "pruner": pruner, **(study or {})},
         "trainer": {"epochs": epochs, "batch_size": 32, "device": "cpu", "threads": 1, **(trainer or {})},
         "task": {"model": "poptask:model", "data": "poptask:data"},
         "space": space or {
@@ -780,6 +789,53 @@ def population_file(tmp_path, name: str, width: Any = 4) -> str:
     return str(path)
 
 
+@pytest.mark.parametrize("ask_ahead", [False, True])
+def test_asking_ahead_samples_the_refills_while_the_slots_last_epoch_trains(tmp_path, ask_ahead: bool) -> None:
+    good = [{"lr": 0.05, "model": {"width": 16}, "optimizer": {"name": "adam", "beta1": 0.9}}] * 6
+    path = pop_study(tmp_path, "ahead", vectorize={"width": 2}, baseline=good, n_trials=6, epochs=3, study={"ask_ahead": ask_ahead})
+    study, summary = run_study(path, str(tmp_path / "ahead.journal"), "ahead")
+    trials = study.get_trials()
+    assert summary.states == {"COMPLETE": 6} and len(trials) == 6
+    assert all(list(t.intermediate_values) == [0, 1, 2] for t in trials)
+    for first, refill in ((trials[0], trials[2]), (trials[2], trials[4])):
+        # Asked ahead: before the slot it refills was told (while its last epoch trained).
+        # Otherwise after: the ask waits for every result before it.
+        assert (refill.datetime_start < first.datetime_complete) is ask_ahead
+        assert refill.user_attrs["hpo:vectorized_width"] == 2
+
+
+def test_a_signal_hands_back_the_trials_asked_ahead_too(tmp_path) -> None:
+    import signal
+    import time
+
+    slow = [{"lr": 0.05, "model": {"width": 16, "slow": True}, "optimizer": {"name": "adam", "beta1": 0.9}}] * 4
+    space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}, "model": {"width": 16, "slow": True},
+             "optimizer": {"type": "categorical", "choices": {"adam": {"beta1": {"type": "float", "low": 0.8, "high": 0.95}}}}}
+    path = pop_study(tmp_path, "ahead-term", vectorize={"width": 2}, baseline=slow, n_trials=4, epochs=2, space=space,
+                     study={"ask_ahead": True})
+    url = str(tmp_path / "ahead-term.journal")
+    coordinator.create(load_config(path), open_storage(url))
+    study = optuna.load_study(study_name="ahead-term", storage=open_storage(url))
+    proc = subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", "ahead-term", "--storage", url, "--threads", "1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Trials 2 and 3 (enqueued baselines) are asked as the group's last epoch starts (each epoch
+    # takes about a second).
+    deadline = time.time() + 60
+    while time.time() < deadline and len(study.get_trials(states=[TrialState.RUNNING])) < 4:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING], [(t.number, t.state.name) for t in trials]
+    stopped = sorted(t.number for t in trials if t.state == TrialState.FAIL)
+    # The two training and the two asked ahead: failed with the reason and re-queued with their params.
+    assert stopped == [0, 1, 2, 3], ([(t.number, t.state.name) for t in trials], err)
+    assert all(t.user_attrs["hpo:fail_reason"].startswith("interrupted by SIGTERM") for t in trials[:4])
+    retried = {t.user_attrs["hpo:retry_of"]: t.system_attrs["fixed_params"] for t in trials if t.state == TrialState.WAITING}
+    assert retried == {t.number: t.params for t in trials[:4]}
+
+
 @pytest.mark.e2e
 def test_hpo_run_in_population_mode(tmp_path) -> None:
     result = hpo("run", population_file(tmp_path, "pop-run"), "--threads", "1", cwd=tmp_path, timeout=300)
@@ -827,6 +883,10 @@ def test_the_heartbeat_covers_every_trial_a_population_worker_holds(tmp_path) ->
     beat.beat()  # the heartbeat thread's next beat
     assert heartbeat.workers(study)["w"]["trial"] == 0 and heartbeat.workers(study)["w"]["trials"] == [0, 1, 2]
     beat.running(None)
+    beat.ahead(trials[1:])  # asked ahead for the next refills
+    beat.beat()
+    assert heartbeat.workers(study)["w"]["trials"] == [1, 2]
+    beat.ahead(None)
     beat.beat()
     assert heartbeat.workers(study)["w"]["trial"] is None
 

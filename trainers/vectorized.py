@@ -723,6 +723,7 @@ def fit_stacked(
     on_slot_end: Callable[[Slot], None] | None = None,
     batched: bool | None = None,
     stop: Callable[[], bool] | None = None,
+    before_epoch: Callable[[list[Slot]], None] | None = None,
 ) -> StackedTrainer:
     """Trains the slots until each has run `config.epochs` epochs or stopped; returns the trainer.
 
@@ -736,7 +737,8 @@ def fit_stacked(
 
     `stop` is checked before every batch and every slot's end of epoch: when it returns True the
     run raises `Stopped` with the slots that were still training (e.g. a worker asked to quit
-    hands their trials back between two storage calls, never inside one).
+    hands their trials back between two storage calls, never inside one). `before_epoch(slots)`
+    is called before each epoch trains (a worker asks its sampler for the next refills there).
     """
     trainer = StackedTrainer(data, config, kind=kind, per_slot_data=per_slot_data, seed=seed, batched=batched)
     trainer.stop = stop
@@ -746,6 +748,8 @@ def fit_stacked(
     ended: set[int] = set()  # ids of the slots that had their last event
     try:
         while trainer.size:
+            if before_epoch is not None:
+                before_epoch(trainer.slots)
             trainer.train_epoch()
             keep, done = [], []
             for index, slot in enumerate(trainer.slots):
