@@ -304,10 +304,11 @@ def _worker(args: argparse.Namespace) -> int:
         threads = args.threads
         print(f"supervising {len(slots)} workers on study {args.study} ({redact(url)})", flush=True)
         return supervisor.supervise(args.study, url, slots, first_index=args.worker_index or 0, threads=threads)
-    print(f"worker joining study {args.study} on {redact(url)}", flush=True)
     summary = run_worker(
         args.study, url, index=args.worker_index, threads=args.threads,
         on_trial=lambda trial, config: print(describe_trial(trial, config.study.metrics), flush=True),
+        # Once the study is open: a mistyped study or storage gets its one error line only.
+        on_start=lambda: print(f"worker joining study {args.study} on {redact(url)}", flush=True),
     )
     done = ", ".join(f"{n} {state.lower()}" for state, n in summary.states.items()) or "no trials"
     print(f"worker {summary.worker} done: {done}", flush=True)

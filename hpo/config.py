@@ -202,6 +202,9 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
         if d not in ("minimize", "maximize"):
             report((*path, "direction" if "direction" in raw else "directions"), f"{d!r} is not a direction (expected minimize or maximize)")
     metrics = _one_or_many(raw, path, "metric", "metrics", report)
+    twice = sorted({m for m in metrics if metrics.count(m) > 1})
+    if twice:  # one objective's values would be stored under another's name
+        report((*path, "metrics"), f"{', '.join(map(repr, twice))} given twice (expected each metric once)")
     if directions and metrics and len(directions) != len(metrics):
         report((*path, "metrics"), f"{len(metrics)} metrics for {len(directions)} directions (expected one metric per direction)")
     if task is not None:
@@ -304,9 +307,14 @@ def _task(raw: dict, report: Callable, import_task: bool = True) -> TaskConfig |
         if not import_task:
             continue
         try:
-            task_mod.load_callable(raw[key])
+            fn = task_mod.load_callable(raw[key])
         except task_mod.TaskImportError as err:
             report((*path, key), f"{err} (expected an importable package.module:function)")
+            ok = False
+            continue
+        problem = task_mod.call_problem(fn, raw[key], task_mod.CALLS[key])
+        if problem:
+            report((*path, key), problem)
             ok = False
     kind = raw.get("kind", "classification")
     if kind not in METRICS:

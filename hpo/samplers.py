@@ -79,12 +79,24 @@ def build_sampler(
         return SAMPLERS[name](**kwargs)
 
 
+def _check_hyperband(options: Mapping[str, Any]) -> None:
+    """Optuna checks hyperband's resources only when it builds its brackets, at the first trial's
+    first report (and a `min_resource` of 0 passes even then): its brackets' own checks, now."""
+    low, high = options.get("min_resource", 1), options.get("max_resource", "auto")
+    optuna.pruners.SuccessiveHalvingPruner(min_resource=low, reduction_factor=options.get("reduction_factor", 3),
+                                           bootstrap_count=options.get("bootstrap_count", 0))
+    if high != "auto" and (not isinstance(high, int) or isinstance(low, int) and high < low):
+        raise ValueError(f"The value of `max_resource` is {high!r}, but must be 'auto' or an integer >= `min_resource` ({low})")
+
+
 def build_pruner(
     name: str, options: Mapping[str, Any], wrapped: tuple[str, Mapping[str, Any]] | None = None
 ) -> optuna.pruners.BasePruner:
     kwargs = {**PRUNER_DEFAULTS.get(name, {}), **options}
     if name == "patient":
         kwargs["wrapped_pruner"] = build_pruner(*wrapped) if wrapped else None
+    if name == "hyperband":
+        _check_hyperband(kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return PRUNERS[name](**kwargs)

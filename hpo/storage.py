@@ -79,6 +79,8 @@ def open_storage(url: str | None = None, *, heartbeat: Heartbeat | None = None, 
     match = _SCHEME.match(url)
     scheme = match.group(1).lower() if match else None
     _check_password_encoded(url)
+    if scheme is not None:
+        _check_port(url)
     try:
         if scheme is None:
             return _journal_file(url, existing)
@@ -193,6 +195,21 @@ def redact(url: str) -> str:
         start, end, user, _ = found
         url = f"{url[:start]}{user}:***{url[end:]}"
     return scrub(_QUERY_SECRET.sub(r"\1***", url))
+
+
+def _check_port(url: str) -> None:
+    """A port that is not a number from 0 to 65535, named as such (drivers say 'connection refused'
+    or show a Python int() error)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return  # a malformed host: said as the storage is opened
+    if "," in parts.netloc.rpartition("@")[2]:
+        return  # several hosts (libpq's host1:port1,host2:port2): the driver reads them
+    try:
+        _ = parts.port  # reading it checks it
+    except ValueError as err:
+        raise StorageError(f"bad port in {redact(url)}: {err} (expected a number from 0 to 65535)") from None
 
 
 def _check_password_encoded(url: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -45,10 +46,31 @@ def load_callable(path: str) -> Callable[..., Any]:
     return obj
 
 
+# How hpo calls each of the task's functions: the argument lists it tries, by name.
+CALLS = {"model": ("params", "params, data"), "data": ("", "params"), "train_step": ("model, batch",),
+         "eval_step": ("model, batch",)}
+
+
+def call_problem(fn: Callable[..., Any], path: str, calls: tuple[str, ...]) -> str | None:
+    """Why hpo cannot call `fn` with any of the argument lists `calls` (every trial would fail
+    with a TypeError), or None."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # a builtin without a signature: found out when called
+    for call in calls:
+        try:
+            signature.bind(*(name for name in call.split(", ") if name))
+            return None
+        except TypeError:
+            continue
+    name = path.rpartition(":")[2]
+    expected = " or ".join(f"{name}({call})" for call in calls)
+    return f"{path} takes {signature} (expected a function called as {expected})"
+
+
 def takes_params(fn: Callable[..., Any]) -> bool:
     """A data factory without parameters is called once per worker and its result reused."""
-    import inspect
-
     try:
         return bool(inspect.signature(fn).parameters)
     except (TypeError, ValueError):

@@ -119,8 +119,10 @@ def run_worker(
     index: int | None = None,
     threads: int | None = None,
     on_trial: Callable[[FrozenTrial, Config], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> Summary:
-    """Runs trials of the study until its budget is spent or the worker is interrupted."""
+    """Runs trials of the study until its budget is spent or the worker is interrupted;
+    `on_start()` is called once the study is open and its task imported."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, config = coordinator.open_study(storage_url, study_name)
     s = config.study
@@ -129,6 +131,8 @@ def run_worker(
     study.sampler = samplers.build_sampler(s.sampler, s.sampler_options, seed, config.space)
     study.pruner = pruning.with_snapshot(samplers.build_pruner(s.pruner, s.pruner_options, s.pruner_wrapped))
     task = objective.prepare(config)
+    if on_start is not None:
+        on_start()
     summary = Summary(worker)
     previous = _raise_on_sigterm()
     try:

@@ -226,6 +226,42 @@ def test_factory_module_that_exits_on_import(tmp_path: Path) -> None:
         "(expected an importable package.module:function)"]
 
 
+def test_factories_hpo_cannot_call_as_it_calls_them(tmp_path: Path) -> None:
+    # Every trial failed with a TypeError, after the study was created.
+    (tmp_path / "odd_task.py").write_text("def model(params, data, width):\n    pass\n\ndef data(a, b):\n    pass\n\n"
+                                          "def step(batch):\n    pass\n")
+    text = VALID.replace("hpo.examples.tabular:mlp", "odd_task:model").replace("hpo.examples.tabular:wine", "odd_task:data")
+    text = text.replace("  data: odd_task:data\n", "  data: odd_task:data\n  train_step: odd_task:step\n")
+    assert problems(tmp_path, text) == [
+        "FILE:11: task.model: odd_task:model takes (params, data, width) (expected a function called as model(params) "
+        "or model(params, data))",
+        "FILE:12: task.data: odd_task:data takes (a, b) (expected a function called as data() or data(params))",
+        "FILE:13: task.train_step: odd_task:step takes (batch) (expected a function called as step(model, batch))",
+    ]
+    # Defaults and *args count as Python counts them.
+    (tmp_path / "fine_task.py").write_text("def model(params, data=None, width=8):\n    pass\n\ndef data(*args):\n    pass\n")
+    path = tmp_path / "fine.yaml"
+    path.write_text(VALID.replace("hpo.examples.tabular:mlp", "fine_task:model").replace("hpo.examples.tabular:wine", "fine_task:data"))
+    assert load_config(str(path))
+
+
+def test_hyperband_resources_are_checked_before_any_trial(tmp_path: Path) -> None:
+    # Optuna builds hyperband's brackets at the first report, and a min_resource of 0 passed even then.
+    for options, message in [
+        ("{min_resource: 0}", "The value of `min_resource` is 0, but must be either `min_resource >= 1` or 'auto'"),
+        ("{min_resource: 5, max_resource: 2}", "The value of `max_resource` is 2, but must be 'auto' or an integer >= `min_resource` (5)"),
+        ("{reduction_factor: 1}", "The value of `reduction_factor` is 1, but must be `reduction_factor >= 2`"),
+    ]:
+        found = problems(tmp_path, VALID.replace("pruner: median", f"pruner: {{name: hyperband, options: {options}}}"))
+        assert found == [f"FILE:7: study.pruner.options: hyperband rejects these options: {message} (expected values hyperband accepts)"]
+
+
+def test_a_metric_given_twice(tmp_path: Path) -> None:
+    text = VALID.replace("direction: maximize", "directions: [maximize, maximize, minimize]").replace(
+        "metric: val_accuracy", "metrics: [val_accuracy, val_accuracy, val_loss]").replace("pruner: median", "pruner: none")
+    assert problems(tmp_path, text) == ["FILE:4: study.metrics: 'val_accuracy' given twice (expected each metric once)"]
+
+
 def test_metric_the_task_does_not_report(tmp_path: Path) -> None:
     assert problems(tmp_path, VALID.replace("metric: val_accuracy", "metric: val_acc")) == [
         "FILE:4: study.metric: the task does not report 'val_acc'; did you mean val_accuracy? "

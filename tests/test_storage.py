@@ -122,6 +122,10 @@ def test_mysql_url_is_an_rdb_storage(mysql_url: str) -> None:
         # redis-py would read a database that is not a number as database 0, someone else's.
         ("redis://127.0.0.1:6379/x", "bad Redis URL redis://127.0.0.1:6379/x: database 'x' is not a number (expected redis://host:6379/0)"),
         ("redis://[::1:6379/0", "cannot open storage redis://[::1:6379/0: Invalid IPv6 URL"),
+        # The drivers said "connection refused", or showed Python's int() error.
+        ("mysql://root@127.0.0.1:99999/x", "bad port in mysql://root@127.0.0.1:99999/x: Port out of range 0-65535 (expected a number from 0 to 65535)"),
+        (f"postgresql://bob:{SECRET}@127.0.0.1:abc/x", "bad port in postgresql://bob:***@127.0.0.1:abc/x: Port could not be cast to integer value as 'abc'"),
+        ("redis://127.0.0.1:99999/0", "bad port in redis://127.0.0.1:99999/0: Port out of range 0-65535"),
     ],
 )
 def test_bad_urls_are_one_clear_line(url: str, expected: str) -> None:
@@ -163,6 +167,13 @@ def test_password_absent_from_errors_and_logs(url: str, caplog: pytest.LogCaptur
     captured = capsys.readouterr()
     assert SECRET not in str(info.value) and "***" in str(info.value)
     assert SECRET not in caplog.text + captured.out + captured.err
+
+
+def test_a_worker_that_cannot_join_says_only_why(tmp_path: Path) -> None:
+    # "worker joining study ..." came first, as if it had joined.
+    result = hpo("worker", "--study", "x", "--storage", str(tmp_path / "nosuch.journal"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("hpo: error: ") and len(result.stderr.splitlines()) == 1
 
 
 def test_password_absent_from_cli_errors() -> None:
