@@ -170,7 +170,8 @@ def validate(located: yamlfile.Located, source: str, *, import_task: bool = True
     if import_task:  # torch is imported with the task anyway; a stored config needs neither
         _loop_hparams(space, trainer, report)
         _trainer_here(raw.get("trainer"), trainer, task, report)
-    study = _study(_section(raw, "study", report), space, task, trainer.top_k, report)
+    # Checks added after studies were stored apply to new files only: a stored study stays readable.
+    study = _study(_section(raw, "study", report), space, task, trainer.top_k, report, fresh=import_task)
     # A parameter whose spec was refused is missing from the space: a baseline value for it is not
     # a second mistake ("unknown parameter") but the same one.
     refused = [_param_path(p.path) for p in problems if p.path[:1] == ("space",)]
@@ -191,7 +192,8 @@ def _section(raw: Mapping, name: str, report: Callable) -> dict:
     return dict(value)
 
 
-def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: int, report: Callable) -> StudyConfig | None:
+def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: int, report: Callable, *,
+           fresh: bool = True) -> StudyConfig | None:
     path = ("study",)
     misspelt = _unknown_keys(raw, path, STUDY_KEYS, report)
     name = raw.get("name")
@@ -203,7 +205,7 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
             report((*path, "direction" if "direction" in raw else "directions"), f"{d!r} is not a direction (expected minimize or maximize)")
     metrics = _one_or_many(raw, path, "metric", "metrics", report)
     twice = sorted({m for m in metrics if metrics.count(m) > 1})
-    if twice:  # one objective's values would be stored under another's name
+    if twice and fresh:  # one objective's values would be stored under another's name
         report((*path, "metrics"), f"{', '.join(map(repr, twice))} given twice (expected each metric once)")
     if directions and metrics and len(directions) != len(metrics):
         report((*path, "metrics"), f"{len(metrics)} metrics for {len(directions)} directions (expected one metric per direction)")
@@ -248,7 +250,13 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
         if len(directions) > 1 and sampler not in samplers.MULTI_OBJECTIVE_SAMPLERS:
             report((*path, "sampler"), f"{sampler} cannot optimize several objectives (expected one of {', '.join(sorted(samplers.MULTI_OBJECTIVE_SAMPLERS))})")
     if pruner:
-        _check_options(pruner, pruner_options, (*path, "pruner"), report, lambda: samplers.build_pruner(pruner, pruner_options, wrapped))
+        def build_pruner() -> Any:
+            built = samplers.build_pruner(pruner, pruner_options, wrapped)
+            if fresh and pruner == "hyperband":
+                samplers.check_hyperband(pruner_options)
+            return built
+
+        _check_options(pruner, pruner_options, (*path, "pruner"), report, build_pruner)
         if pruner == "patient" and wrapped is None:
             report((*path, "pruner"), "patient pruner wraps another (expected wrapped: {name: median})")
         if len(directions) > 1 and pruner != "none":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,7 +61,7 @@ def prepare(config: Config) -> Task:
         data_fn=task_mod.load_callable(t.data),
         train_step=task_mod.load_callable(t.train_step) if t.train_step else None,
         eval_step=task_mod.load_callable(t.eval_step) if t.eval_step else None,
-        model_takes_data=_n_params(model_fn) >= 2,
+        model_takes_data=task_mod.binds(model_fn, 2) is True,  # as `config` checked: (params, data), else (params)
         data_takes_params=task_mod.takes_params(task_mod.load_callable(t.data)),
     )
     if not task.data_takes_params:
@@ -180,10 +179,3 @@ def run_trial(trial: optuna.Trial, config: Config, task: Task, *, threads: int |
     if missing:
         raise KeyError(f"the loop did not report {', '.join(missing)} (it reported {', '.join(state.metrics)})")
     return [state.metrics[m] for m in config.study.metrics]
-
-
-def _n_params(fn: Callable) -> int:
-    try:
-        return len(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return 1

@@ -37,6 +37,7 @@ architecture, and trains each group as one stacked model (`trainers.vectorized`)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import sys
@@ -136,19 +137,23 @@ class Population:
         return (self.width or 1) * self.vectorize.lookahead
 
     def _ask(self, n: int) -> list[Member]:
-        """Up to `n` new trials into the pool; those asked ahead instead, when there are."""
+        """Up to `n` new trials into the pool: those asked ahead first (all of them), then new ones."""
+        asked: list[optuna.Trial] = []
         if self.pending is not None:
-            asked, wanted = self.pending.result()
-            self.pending = None
-        elif n <= 0 or self.budget_spent:
-            return []
-        else:
+            pending, self.pending = self.pending, None
+            try:
+                asked, wanted = pending.result()
+            except BaseException:
+                self.beat.ahead(None)  # `_asked` handed back what it had asked for
+                raise
+            self.budget_spent = self.budget_spent or len(asked) < wanted
+        if n > len(asked) and not self.budget_spent:
             # The sampler sees every result told so far: one seeded worker proposes the same trials
             # every run. (A failed write is raised between groups, not here inside a group's refill.)
             self.behind.wait()
-            asked, wanted = self._asked(n)
-        if len(asked) < wanted:
-            self.budget_spent = True
+            more, wanted = self._asked(n - len(asked))
+            self.budget_spent = self.budget_spent or len(more) < wanted
+            asked = [*asked, *more]
         members = [self._member(trial) for trial in asked]
         self.pool.extend(members)
         self._beat()  # before they leave `ahead`: a beat that listed them nowhere would orphan them
@@ -158,8 +163,8 @@ class Population:
     def _ask_ahead(self, slots: list[Slot]) -> None:
         """Before an epoch: asks, on the storage thread, for the trials that will refill the slots
         whose last epoch this is (those that pruning frees are asked for when they are)."""
-        if not self.asks_ahead or self.pending is not None or self.budget_spent:
-            return
+        if not self.asks_ahead or self.pending is not None or self.budget_spent or self.signals.name:
+            return  # (with a signal noted, the group stops before this epoch's first batch)
         waiting = sum(m.signature == self.group_signature for m in self.pool)
         n = sum(s.epoch + 1 >= self.trainer_config.epochs for s in slots) - waiting
         if n > 0:
@@ -171,24 +176,37 @@ class Population:
         asked, _ = persist(partial(coordinator.ask, self.study, self.config, n, attrs), "asking for trials", self.patience)
         if sample:
             self.beat.ahead(asked)
-            for trial in asked:
-                persist(partial(space_mod.suggest, trial, self.config.space), "sampling a trial", self.patience)
+            try:
+                for trial in asked:
+                    persist(partial(space_mod.suggest, trial, self.config.space), "sampling a trial", self.patience)
+            except BaseException:
+                self._hand_back_now(asked, "an error in the worker")
+                raise
         return asked, n
 
+    def _hand_back_now(self, trials: list[optuna.Trial], why: str) -> None:
+        """Re-queues `trials` with their params from this thread (the storage thread's own calls)."""
+        for trial in trials:
+            with contextlib.suppress(Exception):  # not handed back: the sweep re-queues it after the grace period
+                persist(partial(hand_back, self.study, trial, why), "handing back a trial", self.patience)
+
     def _hand_back_pending(self) -> None:
-        """The trials asked ahead that will not train here go back to the queue with their params."""
+        """The trials asked ahead that will not train here go back to the queue with their params;
+        signals stay noted meanwhile, so that a second Ctrl-C does not cut the hand-back short."""
         pending, self.pending = self.pending, None
         if pending is None:
             return
+        previous = self.signals.install()
         try:
-            asked, _ = pending.result()
-        except Exception:
-            return  # the ask failed: no trial, or one that the sweeper fails once the beats stop
-        for trial in asked:
-            overlap.persisted(self.behind.write, partial(hand_back, self.study, trial, self.summary.interrupted or "an error in the worker"),
-                              "handing back a trial", self.patience)
-        self.behind.wait()
-        self.beat.ahead(None)
+            try:
+                asked, _ = pending.result()
+            except Exception:
+                return  # the ask failed; `_asked` handed back what it had asked for
+            why = self.summary.interrupted or self.signals.name or "an error in the worker"
+            self._hand_back_now(asked, why)
+        finally:
+            self.beat.ahead(None)
+            restore_signals(previous)
 
     def _member(self, trial: optuna.Trial) -> Member:
         seed = objective.trial_seed(self.config, trial.number)

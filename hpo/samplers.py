@@ -79,7 +79,7 @@ def build_sampler(
         return SAMPLERS[name](**kwargs)
 
 
-def _check_hyperband(options: Mapping[str, Any]) -> None:
+def check_hyperband(options: Mapping[str, Any]) -> None:
     """Optuna checks hyperband's resources only when it builds its brackets, at the first trial's
     first report (and a `min_resource` of 0 passes even then): its brackets' own checks, now."""
     low, high = options.get("min_resource", 1), options.get("max_resource", "auto")
@@ -95,8 +95,6 @@ def build_pruner(
     kwargs = {**PRUNER_DEFAULTS.get(name, {}), **options}
     if name == "patient":
         kwargs["wrapped_pruner"] = build_pruner(*wrapped) if wrapped else None
-    if name == "hyperband":
-        _check_hyperband(kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return PRUNERS[name](**kwargs)

@@ -208,8 +208,14 @@ def _check_port(url: str) -> None:
         return  # several hosts (libpq's host1:port1,host2:port2): the driver reads them
     try:
         _ = parts.port  # reading it checks it
-    except ValueError as err:
-        raise StorageError(f"bad port in {redact(url)}: {err} (expected a number from 0 to 65535)") from None
+    except ValueError:
+        port = parts.netloc.rpartition(":")[2]
+        if not port.isdigit():
+            # Not shown: without an @host, a password is read as the port (postgresql://bob:secret/db).
+            port = "***"
+            url = url.replace(parts.netloc, f"{parts.netloc.rpartition(':')[0]}:***", 1)
+        raise StorageError(f"bad port {port} in {redact(url)} (expected a number from 0 to 65535, as host:5432; "
+                           "a password goes before an @: user:password@host)") from None
 
 
 def _check_password_encoded(url: str) -> None:

@@ -51,27 +51,29 @@ CALLS = {"model": ("params", "params, data"), "data": ("", "params"), "train_ste
          "eval_step": ("model, batch",)}
 
 
-def call_problem(fn: Callable[..., Any], path: str, calls: tuple[str, ...]) -> str | None:
-    """Why hpo cannot call `fn` with any of the argument lists `calls` (every trial would fail
-    with a TypeError), or None."""
+def binds(fn: Callable[..., Any], n: int) -> bool | None:
+    """Whether `fn` takes `n` positional arguments; None where it has no signature to read."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
-        return None  # a builtin without a signature: found out when called
-    for call in calls:
-        try:
-            signature.bind(*(name for name in call.split(", ") if name))
-            return None
-        except TypeError:
-            continue
+        return None
+    try:
+        signature.bind(*range(n))
+    except TypeError:
+        return False
+    return True
+
+
+def call_problem(fn: Callable[..., Any], path: str, calls: tuple[str, ...]) -> str | None:
+    """Why hpo cannot call `fn` with any of the argument lists `calls` (every trial would fail
+    with a TypeError), or None. hpo calls it with the longest list it takes (`binds`)."""
+    if any(binds(fn, len([a for a in call.split(", ") if a])) is not False for call in calls):
+        return None
     name = path.rpartition(":")[2]
     expected = " or ".join(f"{name}({call})" for call in calls)
-    return f"{path} takes {signature} (expected a function called as {expected})"
+    return f"{path} takes {inspect.signature(fn)} (expected a function called as {expected})"
 
 
 def takes_params(fn: Callable[..., Any]) -> bool:
     """A data factory without parameters is called once per worker and its result reused."""
-    try:
-        return bool(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return True
+    return binds(fn, 1) is not False

@@ -122,7 +122,7 @@ def run_worker(
     on_start: Callable[[], None] | None = None,
 ) -> Summary:
     """Runs trials of the study until its budget is spent or the worker is interrupted;
-    `on_start()` is called once the study is open and its task imported."""
+    `on_start()` is called once the study is open and its task imported (before the data is built)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, config = coordinator.open_study(storage_url, study_name)
     s = config.study
@@ -130,9 +130,9 @@ def run_worker(
     seed = sampler_seed(s.seed, index, worker)
     study.sampler = samplers.build_sampler(s.sampler, s.sampler_options, seed, config.space)
     study.pruner = pruning.with_snapshot(samplers.build_pruner(s.pruner, s.pruner_options, s.pruner_wrapped))
-    task = objective.prepare(config)
     if on_start is not None:
         on_start()
+    task = objective.prepare(config)
     summary = Summary(worker)
     previous = _raise_on_sigterm()
     try:

@@ -8,8 +8,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from conftest import DIGITS_YAML, ROOT, hpo
 
+from hpo import objective
 from hpo.config import ConfigError, config_from_dict, load_config
 
 VALID = """\
@@ -238,11 +241,33 @@ def test_factories_hpo_cannot_call_as_it_calls_them(tmp_path: Path) -> None:
         "FILE:12: task.data: odd_task:data takes (a, b) (expected a function called as data() or data(params))",
         "FILE:13: task.train_step: odd_task:step takes (batch) (expected a function called as step(model, batch))",
     ]
-    # Defaults and *args count as Python counts them.
-    (tmp_path / "fine_task.py").write_text("def model(params, data=None, width=8):\n    pass\n\ndef data(*args):\n    pass\n")
-    path = tmp_path / "fine.yaml"
-    path.write_text(VALID.replace("hpo.examples.tabular:mlp", "fine_task:model").replace("hpo.examples.tabular:wine", "fine_task:data"))
-    assert load_config(str(path))
+    # Defaults, *args, keyword-only arguments and partials count as Python counts them, and each
+    # factory is called with the longest argument list it takes (a keyword-only or **kwargs
+    # factory was called with the data and failed).
+    (tmp_path / "fine_task.py").write_text(textwrap.dedent("""
+        import functools
+        import torch
+
+        def build(params, data, width=8):
+            return torch.nn.Linear(13, width)
+
+        def plain(params, *, device="cpu"):
+            return torch.nn.Linear(13, 3)
+
+        def loose(params, **options):
+            return torch.nn.Linear(13, 3)
+
+        partial = functools.partial(build, data=None)
+
+        def data(*, seed=0):
+            from hpo.examples.tabular import wine
+            return wine()
+    """))
+    for factory in ("build", "plain", "loose", "partial"):
+        path = tmp_path / f"fine-{factory}.yaml"
+        path.write_text(VALID.replace("hpo.examples.tabular:mlp", f"fine_task:{factory}").replace("hpo.examples.tabular:wine", "fine_task:data"))
+        task = objective.prepare(load_config(str(path)))
+        assert isinstance(task.model({}, task.data({})), torch.nn.Linear)
 
 
 def test_hyperband_resources_are_checked_before_any_trial(tmp_path: Path) -> None:
@@ -254,6 +279,12 @@ def test_hyperband_resources_are_checked_before_any_trial(tmp_path: Path) -> Non
     ]:
         found = problems(tmp_path, VALID.replace("pruner: median", f"pruner: {{name: hyperband, options: {options}}}"))
         assert found == [f"FILE:7: study.pruner.options: hyperband rejects these options: {message} (expected values hyperband accepts)"]
+    # A study stored before these checks still opens (hpo status, workers): checks of new files only.
+    raw = yaml.safe_load(VALID.replace("pruner: median", "pruner: {name: hyperband, options: {min_resource: 5, max_resource: 2}}"))
+    assert config_from_dict(raw, "stored", import_task=False).study.pruner == "hyperband"
+    raw["study"].update(directions=["maximize", "maximize"], metrics=["val_accuracy", "val_accuracy"], pruner="none")
+    del raw["study"]["direction"], raw["study"]["metric"]
+    assert config_from_dict(raw, "stored", import_task=False).study.metrics == ("val_accuracy", "val_accuracy")
 
 
 def test_a_metric_given_twice(tmp_path: Path) -> None:
