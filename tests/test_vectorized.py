@@ -789,6 +789,24 @@ def population_file(tmp_path, name: str, width: Any = 4) -> str:
     return str(path)
 
 
+def started_worker(tmp_path, path: str, name: str) -> tuple[optuna.Study, subprocess.Popen]:
+    """The study of file `path` created on a journal in `tmp_path`, and an `hpo worker` process on it."""
+    url = str(tmp_path / f"{name}.journal")
+    coordinator.create(load_config(path), open_storage(url))
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    proc = subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", name, "--storage", url, "--threads", "1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return study, proc
+
+
+def wait_for(condition, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not condition():
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("ask_ahead", [False, True])
 def test_asking_ahead_samples_the_refills_while_the_slots_last_epoch_trains(tmp_path, ask_ahead: bool) -> None:
     good = [{"lr": 0.05, "model": {"width": 16}, "optimizer": {"name": "adam", "beta1": 0.9}}] * 6
@@ -806,23 +824,16 @@ def test_asking_ahead_samples_the_refills_while_the_slots_last_epoch_trains(tmp_
 
 def test_a_signal_hands_back_the_trials_asked_ahead_too(tmp_path) -> None:
     import signal
-    import time
 
     slow = [{"lr": 0.05, "model": {"width": 16, "slow": True}, "optimizer": {"name": "adam", "beta1": 0.9}}] * 4
     space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}, "model": {"width": 16, "slow": True},
              "optimizer": {"type": "categorical", "choices": {"adam": {"beta1": {"type": "float", "low": 0.8, "high": 0.95}}}}}
     path = pop_study(tmp_path, "ahead-term", vectorize={"width": 2}, baseline=slow, n_trials=4, epochs=2, space=space,
                      study={"ask_ahead": True})
-    url = str(tmp_path / "ahead-term.journal")
-    coordinator.create(load_config(path), open_storage(url))
-    study = optuna.load_study(study_name="ahead-term", storage=open_storage(url))
-    proc = subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", "ahead-term", "--storage", url, "--threads", "1"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    study, proc = started_worker(tmp_path, path, "ahead-term")
     # Trials 2 and 3 (enqueued baselines) are asked as the group's last epoch starts (each epoch
     # takes about a second).
-    deadline = time.time() + 60
-    while time.time() < deadline and len(study.get_trials(states=[TrialState.RUNNING])) < 4:
-        time.sleep(0.05)
+    wait_for(lambda: len(study.get_trials(states=[TrialState.RUNNING])) >= 4)
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -894,17 +905,10 @@ def test_the_heartbeat_covers_every_trial_a_population_worker_holds(tmp_path) ->
 @pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 0), ("SIGINT", 130)])
 def test_a_signal_hands_back_every_trial_the_population_worker_holds(tmp_path, sig: str, code: int) -> None:
     import signal
-    import time
 
     path = pop_study(tmp_path, "term", vectorize={"width": 3, "lookahead": 2}, baseline=MIXED, n_trials=8, epochs=100_000)
-    url = str(tmp_path / "term.journal")
-    coordinator.create(load_config(path), open_storage(url))
-    study = optuna.load_study(study_name="term", storage=open_storage(url))
-    proc = subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", "term", "--storage", url, "--threads", "1"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(t.intermediate_values for t in study.get_trials()):
-        time.sleep(0.1)
+    study, proc = started_worker(tmp_path, path, "term")
+    wait_for(lambda: any(t.intermediate_values for t in study.get_trials()))
     proc.send_signal(getattr(signal, sig))
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
@@ -921,19 +925,12 @@ def test_a_signal_hands_back_every_trial_the_population_worker_holds(tmp_path, s
 @pytest.mark.e2e
 def test_trials_handed_back_by_a_population_worker_resume_from_their_slot_checkpoints(tmp_path) -> None:
     import signal
-    import time
 
     epochs = 150
     path = pop_study(tmp_path, "ckpt", vectorize={"width": 2}, baseline=MIXED[0::2], n_trials=3, epochs=epochs,
                      trainer={"checkpoint_dir": str(tmp_path / "ckpt")})
-    url = str(tmp_path / "ckpt.journal")
-    coordinator.create(load_config(path), open_storage(url))
-    study = optuna.load_study(study_name="ckpt", storage=open_storage(url))
-    command = [sys.executable, "-m", "hpo", "worker", "--study", "ckpt", "--storage", url, "--threads", "1"]
-    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(len(t.intermediate_values) >= 3 for t in study.get_trials()):
-        time.sleep(0.05)
+    study, first = started_worker(tmp_path, path, "ckpt")
+    wait_for(lambda: any(len(t.intermediate_values) >= 3 for t in study.get_trials()))
     first.send_signal(signal.SIGTERM)
     _out, err = first.communicate(timeout=60)
     assert first.returncode == 0 and "vectorize" not in err, err  # grouped, not run alone
@@ -941,7 +938,7 @@ def test_trials_handed_back_by_a_population_worker_resume_from_their_slot_checkp
     trained = {n: len(t.intermediate_values) for n, t in stopped.items() if t.intermediate_values}
     assert len(trained) == 2, err  # the group of two (widths 8 and 8) was training
 
-    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(first.args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     trials = study.get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
