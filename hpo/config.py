@@ -143,11 +143,12 @@ def load_config(file: str) -> Config:
 def config_from_dict(raw: dict[str, Any], source: str, *, import_task: bool = True) -> Config:
     """Rebuilds a config stored in a study (no line numbers there). `import_task` False: the
     task's factories are not imported, for commands that only read the study (`hpo status` on a
-    machine without the training code)."""
-    return validate(yamlfile.Located(raw), source, import_task=import_task)
+    machine without the training code). Checks added after a study was stored do not apply: it
+    stays readable and workers still join it."""
+    return validate(yamlfile.Located(raw), source, import_task=import_task, fresh=False)
 
 
-def validate(located: yamlfile.Located, source: str, *, import_task: bool = True) -> Config:
+def validate(located: yamlfile.Located, source: str, *, import_task: bool = True, fresh: bool = True) -> Config:
     problems: list[Problem] = []
 
     def report(path: tuple, message: str) -> None:
@@ -170,8 +171,7 @@ def validate(located: yamlfile.Located, source: str, *, import_task: bool = True
     if import_task:  # torch is imported with the task anyway; a stored config needs neither
         _loop_hparams(space, trainer, report)
         _trainer_here(raw.get("trainer"), trainer, task, report)
-    # Checks added after studies were stored apply to new files only: a stored study stays readable.
-    study = _study(_section(raw, "study", report), space, task, trainer.top_k, report, fresh=import_task)
+    study = _study(_section(raw, "study", report), space, task, trainer.top_k, report, fresh=fresh)
     # A parameter whose spec was refused is missing from the space: a baseline value for it is not
     # a second mistake ("unknown parameter") but the same one.
     refused = [_param_path(p.path) for p in problems if p.path[:1] == ("space",)]
@@ -252,8 +252,9 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
     if pruner:
         def build_pruner() -> Any:
             built = samplers.build_pruner(pruner, pruner_options, wrapped)
-            if fresh and pruner == "hyperband":
-                samplers.check_hyperband(pruner_options)
+            for name, options in ((pruner, pruner_options), wrapped or (None, {})):
+                if fresh and name == "hyperband":
+                    samplers.check_hyperband(options)
             return built
 
         _check_options(pruner, pruner_options, (*path, "pruner"), report, build_pruner)

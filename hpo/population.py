@@ -150,8 +150,13 @@ class Population:
         if n > len(asked) and not self.budget_spent:
             # The sampler sees every result told so far: one seeded worker proposes the same trials
             # every run. (A failed write is raised between groups, not here inside a group's refill.)
-            self.behind.wait()
-            more, wanted = self._asked(n - len(asked))
+            try:
+                self.behind.wait()
+                more, wanted = self._asked(n - len(asked))
+            except BaseException:
+                self._hand_back_now(asked, "an error in the worker")  # those asked ahead, held nowhere else
+                self.beat.ahead(None)
+                raise
             self.budget_spent = self.budget_spent or len(more) < wanted
             asked = [*asked, *more]
         members = [self._member(trial) for trial in asked]
@@ -191,8 +196,9 @@ class Population:
                 persist(partial(hand_back, self.study, trial, why), "handing back a trial", self.patience)
 
     def _hand_back_pending(self) -> None:
-        """The trials asked ahead that will not train here go back to the queue with their params;
-        signals stay noted meanwhile, so that a second Ctrl-C does not cut the hand-back short."""
+        """The trials asked ahead that will not train here go back to the queue with their params.
+        Signals stay noted meanwhile: a SIGTERM does not cut the hand-back short (a second Ctrl-C
+        does, as everywhere; the sweep then re-queues what was left)."""
         pending, self.pending = self.pending, None
         if pending is None:
             return

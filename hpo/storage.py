@@ -199,7 +199,7 @@ def redact(url: str) -> str:
 
 def _check_port(url: str) -> None:
     """A port that is not a number from 0 to 65535, named as such (drivers say 'connection refused'
-    or show a Python int() error)."""
+    or show a Python int() error), and never shown unless it is plain digits after an @host."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -208,14 +208,26 @@ def _check_port(url: str) -> None:
         return  # several hosts (libpq's host1:port1,host2:port2): the driver reads them
     try:
         _ = parts.port  # reading it checks it
+        return
     except ValueError:
-        port = parts.netloc.rpartition(":")[2]
-        if not port.isdigit():
-            # Not shown: without an @host, a password is read as the port (postgresql://bob:secret/db).
-            port = "***"
-            url = url.replace(parts.netloc, f"{parts.netloc.rpartition(':')[0]}:***", 1)
-        raise StorageError(f"bad port {port} in {redact(url)} (expected a number from 0 to 65535, as host:5432; "
-                           "a password goes before an @: user:password@host)") from None
+        pass
+    # Masked on the text as given (urlsplit drops tabs and newlines, so its netloc may not be in it).
+    text = redact(url)
+    head, _, rest = text.partition("://")
+    netloc = re.match(r"[^/?#]*", rest).group(0)
+    user, at, host = netloc.rpartition("@")
+    # The port follows the first colon after the host (a bracketed IPv6 address holds colons).
+    # Without an @host that colon may be the one between a user and a password: nothing after
+    # it is shown (postgresql://bob:secret/db).
+    colon = host.find(":", host.find("]") + 1 if host.startswith("[") else 0)
+    port = host[colon + 1:] if colon >= 0 else ""
+    if at and port.isascii() and port.isdigit():
+        shown = port
+    else:
+        shown = "***"
+        text = f"{head}://{user}{at}{host[:colon]}:***{rest[len(netloc):]}" if colon >= 0 else text
+    raise StorageError(f"bad port {shown} in {text} (expected a number from 0 to 65535, as host:5432; "
+                       "a password goes before an @: user:password@host)") from None
 
 
 def _check_password_encoded(url: str) -> None:

@@ -279,12 +279,19 @@ def test_hyperband_resources_are_checked_before_any_trial(tmp_path: Path) -> Non
     ]:
         found = problems(tmp_path, VALID.replace("pruner: median", f"pruner: {{name: hyperband, options: {options}}}"))
         assert found == [f"FILE:7: study.pruner.options: hyperband rejects these options: {message} (expected values hyperband accepts)"]
-    # A study stored before these checks still opens (hpo status, workers): checks of new files only.
+    # Wrapped by the patient pruner, too.
+    wrapped = "pruner: {name: patient, options: {patience: 2}, wrapped: {name: hyperband, options: {min_resource: 0}}}"
+    found = problems(tmp_path, VALID.replace("pruner: median", wrapped))
+    assert len(found) == 1 and "The value of `min_resource` is 0" in found[0]
+    # A study stored before these checks still opens, for hpo status and for workers (which import
+    # the task): checks of new files only.
     raw = yaml.safe_load(VALID.replace("pruner: median", "pruner: {name: hyperband, options: {min_resource: 5, max_resource: 2}}"))
-    assert config_from_dict(raw, "stored", import_task=False).study.pruner == "hyperband"
+    for import_task in (False, True):
+        assert config_from_dict(raw, "stored", import_task=import_task).study.pruner == "hyperband"
     raw["study"].update(directions=["maximize", "maximize"], metrics=["val_accuracy", "val_accuracy"], pruner="none")
     del raw["study"]["direction"], raw["study"]["metric"]
-    assert config_from_dict(raw, "stored", import_task=False).study.metrics == ("val_accuracy", "val_accuracy")
+    for import_task in (False, True):
+        assert config_from_dict(raw, "stored", import_task=import_task).study.metrics == ("val_accuracy", "val_accuracy")
 
 
 def test_a_metric_given_twice(tmp_path: Path) -> None:

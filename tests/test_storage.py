@@ -125,10 +125,13 @@ def test_mysql_url_is_an_rdb_storage(mysql_url: str) -> None:
         # The drivers said "connection refused", or showed Python's int() error.
         ("mysql://root@127.0.0.1:99999/x", "bad port 99999 in mysql://root@127.0.0.1:99999/x (expected a number from 0 to 65535"),
         (f"postgresql://bob:{SECRET}@127.0.0.1:abc/x", "bad port *** in postgresql://bob:***@127.0.0.1:***/x (expected"),
-        ("redis://127.0.0.1:99999/0", "bad port 99999 in redis://127.0.0.1:99999/0"),
-        # No @host: the password stands where the port would, and is not shown.
+        # No @host: a password may stand where the port would, so nothing after the colon is shown.
+        ("redis://127.0.0.1:99999/0", "bad port *** in redis://127.0.0.1:***/0"),
         (f"postgresql://bob:{SECRET}/x", "bad port *** in postgresql://bob:***/x (expected a number from 0 to 65535, as host:5432; "
                                          "a password goes before an @: user:password@host)"),
+        (f"postgresql://bob:pa:{SECRET}/x", "bad port *** in postgresql://bob:***/x"),
+        ("postgresql://bob:1234567/x", "bad port *** in postgresql://bob:***/x"),
+        (f"postgresql://bob:pa\tss{SECRET}/x", "bad port *** in postgresql://bob:***/x"),
     ],
 )
 def test_bad_urls_are_one_clear_line(url: str, expected: str) -> None:
