@@ -81,13 +81,13 @@ class Heartbeat:
         heartbeat (RDB) starts for them at once: a trial without one is never found stale. The
         journal heartbeat is the worker's, already beating; the trials carry ``hpo:worker``.
         """
-        self._running = [] if trial is None else list(trial) if isinstance(trial, (list, tuple)) else [trial]
+        self._running = _listed(trial)
         self._beat_new()
 
     def ahead(self, trial: optuna.Trial | list[optuna.Trial] | None) -> None:
         """Marks the trial(s) this worker asked for ahead (`worker.asks_ahead`): RUNNING in the
         storage before they train, they must be found stale too if the worker dies meanwhile."""
-        self._ahead = [] if trial is None else list(trial) if isinstance(trial, (list, tuple)) else [trial]
+        self._ahead = _listed(trial)
         self._beat_new()
 
     def telling(self, trial: optuna.Trial) -> None:
@@ -308,3 +308,8 @@ def optuna_stale_callback(max_retries: int):
         retry(study, trial, "worker stopped beating (Optuna heartbeat)", max_retries)
 
     return callback
+
+
+def _listed(trial: optuna.Trial | list[optuna.Trial] | None) -> list[optuna.Trial]:
+    """None, one trial or several, as a list."""
+    return [] if trial is None else list(trial) if isinstance(trial, (list, tuple)) else [trial]

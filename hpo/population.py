@@ -142,22 +142,22 @@ class Population:
         if self.pending is not None:
             pending, self.pending = self.pending, None
             try:
-                asked, wanted = pending.result()
+                asked, spent = pending.result()
             except BaseException:
                 self.beat.ahead(None)  # `_asked` handed back what it had asked for
                 raise
-            self.budget_spent = self.budget_spent or len(asked) < wanted
+            self.budget_spent = self.budget_spent or spent
         if n > len(asked) and not self.budget_spent:
             # The sampler sees every result told so far: one seeded worker proposes the same trials
             # every run. (A failed write is raised between groups, not here inside a group's refill.)
             try:
                 self.behind.wait()
-                more, wanted = self._asked(n - len(asked))
+                more, spent = self._asked(n - len(asked))
             except BaseException:
                 self._hand_back_now(asked, "an error in the worker")  # those asked ahead, held nowhere else
                 self.beat.ahead(None)
                 raise
-            self.budget_spent = self.budget_spent or len(more) < wanted
+            self.budget_spent = self.budget_spent or spent
             asked = [*asked, *more]
         members = [self._member(trial) for trial in asked]
         self.pool.extend(members)
@@ -175,8 +175,9 @@ class Population:
         if n > 0:
             self.pending = self.behind.submit(partial(self._asked, n, sample=True))
 
-    def _asked(self, n: int, *, sample: bool = False) -> tuple[list[optuna.Trial], int]:
-        """`n` new trials (fewer when the budget is spent) and `n`; on the storage thread, sampled too."""
+    def _asked(self, n: int, *, sample: bool = False) -> tuple[list[optuna.Trial], bool]:
+        """`n` new trials, fewer when the budget is spent, and whether it is; on the storage thread
+        (`sample`), their params sampled too."""
         attrs = trial_attrs(self.summary.worker, self.sampler_seed)
         asked, _ = persist(partial(coordinator.ask, self.study, self.config, n, attrs), "asking for trials", self.patience)
         if sample:
@@ -187,7 +188,7 @@ class Population:
             except BaseException:
                 self._hand_back_now(asked, "an error in the worker")
                 raise
-        return asked, n
+        return asked, len(asked) < n
 
     def _hand_back_now(self, trials: list[optuna.Trial], why: str) -> None:
         """Re-queues `trials` with their params from this thread (the storage thread's own calls)."""

@@ -46,9 +46,11 @@ def load_callable(path: str) -> Callable[..., Any]:
     return obj
 
 
-# How hpo calls each of the task's functions: the argument lists it tries, by name.
-CALLS = {"model": ("params", "params, data"), "data": ("", "params"), "train_step": ("model, batch",),
-         "eval_step": ("model, batch",)}
+# How hpo calls each of the task's functions: the argument lists it may call it with.
+CALLS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "model": (("params",), ("params", "data")), "data": ((), ("params",)),
+    "train_step": (("model", "batch"),), "eval_step": (("model", "batch"),),
+}
 
 
 def binds(fn: Callable[..., Any], n: int) -> bool | None:
@@ -64,13 +66,13 @@ def binds(fn: Callable[..., Any], n: int) -> bool | None:
     return True
 
 
-def call_problem(fn: Callable[..., Any], path: str, calls: tuple[str, ...]) -> str | None:
+def call_problem(fn: Callable[..., Any], path: str, calls: tuple[tuple[str, ...], ...]) -> str | None:
     """Why hpo cannot call `fn` with any of the argument lists `calls` (every trial would fail
     with a TypeError), or None. hpo calls it with the longest list it takes (`binds`)."""
-    if any(binds(fn, len([a for a in call.split(", ") if a])) is not False for call in calls):
+    if any(binds(fn, len(call)) is not False for call in calls):
         return None
     name = path.rpartition(":")[2]
-    expected = " or ".join(f"{name}({call})" for call in calls)
+    expected = " or ".join(f"{name}({', '.join(call)})" for call in calls)
     return f"{path} takes {inspect.signature(fn)} (expected a function called as {expected})"
 
 
