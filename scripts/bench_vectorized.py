@@ -14,6 +14,10 @@ time until a target accuracy was first reached, and the mean group size.
 
     python scripts/bench_vectorized.py [--trials 40] [--epochs 20] [--width 8|auto] [--lookahead 1] [--rounds 3] [--spaces shipped fixed-arch]
 
+What stacking gains per architecture of the shipped space (one model alone against K copies):
+
+    python scripts/bench_vectorized.py --architectures
+
 On a GPU, the digits MLP and the small conv net of search_spaces/digits_conv.yaml, in bf16:
 
     python scripts/bench_vectorized.py --device cuda --precision bf16-mixed --model mlp conv --spaces fixed-arch \
@@ -113,6 +117,46 @@ def warm_up(model: str) -> None:
     fit_stacked([build({}, data) for _ in range(2)], [Slot(i, {}) for i in range(2)], data, config)
 
 
+def architectures(epochs: int = 5, repeats: int = 3, widths: tuple[int, ...] = (2, 4, 8)) -> None:
+    """What stacking gains per architecture of the shipped space: each model trained alone
+    against K copies stacked, ms per trial-epoch, the best of `repeats`; and K = 8 with the
+    backward through autograd instead of written out (`trainers.stacked_backward`)."""
+    from trainers.vectorized import Slot, StackedTrainer
+
+    data = digits()
+    config = trainers.TrainerConfig(epochs=epochs, device=SETTINGS["device"], threads=1, precision=SETTINGS["precision"],
+                                    optimizer={"name": "adam", "lr": 1e-3})
+
+    def best(run_once) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run_once()
+            times.append(time.perf_counter() - started)
+        return min(times) / epochs * 1e3
+
+    def stacked(params: dict, k: int, written_out: bool) -> float:
+        trainer = StackedTrainer(data, config, seed=0)
+        trainer.start([mlp(params, data) for _ in range(k)], [Slot(i, {}) for i in range(k)])
+        trainer.written_out = trainer.written_out and written_out
+
+        def run_once() -> None:
+            for _ in range(epochs):
+                trainer.train_epoch()
+
+        return best(run_once) / k
+
+    print(f"digits MLP, ReLU, dropout 0.1, Adam, {epochs} epochs, best of {repeats}, {SETTINGS['device']}, 1 thread\n")
+    print("| layers x width | alone, ms / epoch | " + " | ".join(f"K = {k}" for k in widths) + f" | K = {widths[-1]}, autograd backward |")
+    print("|---|---:|" + "---:|" * (len(widths) + 1))
+    for layers in (1, 2, 3):
+        for width in (32, 64, 128, 256):
+            params = {"model": {"layers": layers, "width": width, "activation": "relu", "dropout": 0.1}}
+            alone = best(lambda: trainers.fit(mlp(params, data), data, config))  # noqa: B023
+            ratios = [alone / stacked(params, k, True) for k in widths] + [alone / stacked(params, widths[-1], False)]
+            print(f"| {layers} x {width} | {alone:.1f} | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=40)
@@ -128,10 +172,16 @@ def main() -> None:
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     parser.add_argument("--ask-ahead", action="store_true",
                         help="study.ask_ahead: true on both sides (the default with Redis or a database; off on the journal file)")
+    parser.add_argument("--architectures", action="store_true",
+                        help="instead: per architecture of the shipped space, a model alone against K copies stacked")
     args = parser.parse_args()
     SETTINGS.update(lookahead=args.lookahead, device=args.device, precision=args.precision, ask_ahead=args.ask_ahead)
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.architectures:
+        warm_up("mlp")
+        architectures()
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.model:

@@ -1,0 +1,130 @@
+"""The batched path's written-out backward gives autograd's gradients, and its dropout keeps each
+slot's units at that slot's rate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import trainers
+from trainers import stacked_backward
+from trainers.vectorized import ELEMENTWISE, Slot, StackedModel, StackedTrainer
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+def mlp(act=nn.ReLU, dropout: float = 0.0, bias: bool = True, first: nn.Module | None = None, out: int = 4) -> nn.Module:
+    layers = [nn.Linear(12, 16, bias=bias), act(), nn.Dropout(dropout), nn.Linear(16, 16), act(), nn.Linear(16, out)]
+    return nn.Sequential(*([first] if first is not None else []), *layers)
+
+
+def autograd_step(model: StackedModel, x, y, *, shared=True, kind="classification", smoothing=None, weight=1.0):
+    """What `StackedTrainer` did before: the forward, `_loss` and `backward()`."""
+    trainer = StackedTrainer.__new__(StackedTrainer)
+    trainer.kind = kind
+    losses = trainer._loss(model(x, shared=shared), y, shared, smoothing)
+    (losses.sum() * weight).backward()
+    return losses.detach()
+
+
+def assert_same_step(models, x, y, **options) -> None:
+    options = {"shared": True, "kind": "classification", **options}
+    models = [copy.deepcopy(m) for m in models]
+    model = StackedModel(models, CPU)
+    assert model.plan is not None
+    torch.manual_seed(5)  # the same dropout masks for both
+    expected = autograd_step(model, x, y, **options)
+    grads = {k: v.grad for k, v in model.params.items()}
+    for v in model.params.values():
+        v.grad = None
+    torch.manual_seed(5)
+    losses = stacked_backward.loss_and_grads(model, x, y, **options)
+    torch.testing.assert_close(losses, expected, rtol=0, atol=0)
+    for name, param in model.params.items():
+        torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+X, Y = torch.randn(32, 12, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 4
+
+
+@pytest.mark.parametrize("act", ELEMENTWISE, ids=lambda a: a.__name__)
+def test_every_elementwise_activation_gives_autograds_gradients(act: type[nn.Module]) -> None:
+    # Those in the formula table and those that take autograd over the op alone.
+    torch.manual_seed(0)
+    assert_same_step([mlp(act, dropout=0.2) for _ in range(3)], X, Y)
+
+
+@pytest.mark.parametrize("case", [
+    "mixed activations", "activation options", "dropout rates 0, 0.3 and 1", "no bias, label smoothing, weight",
+    "dropout on the input", "activation on the input", "regression", "regression, several outputs", "per-slot batches",
+])
+def test_the_written_out_step_gives_autograds_gradients(case: str) -> None:
+    torch.manual_seed(0)
+    if case == "mixed activations":
+        assert_same_step([mlp(nn.GELU), mlp(nn.Tanh), mlp(nn.ReLU), mlp(nn.Softsign), mlp(nn.SiLU)], X, Y)
+    elif case == "activation options":
+        acts = [lambda: nn.GELU(approximate="tanh"), lambda: nn.LeakyReLU(0.2), lambda: nn.ELU(0.5)]
+        assert_same_step([mlp(act) for act in acts], X, Y)
+    elif case == "dropout rates 0, 0.3 and 1":
+        assert_same_step([mlp(dropout=0.3), mlp(dropout=0.0), mlp(dropout=1.0)], X, Y)
+    elif case == "no bias, label smoothing, weight":
+        assert_same_step([mlp(bias=False) for _ in range(3)], X, Y, smoothing=torch.tensor([0.0, 0.1, 0.3]), weight=0.5)
+    elif case == "dropout on the input":
+        assert_same_step([mlp(first=nn.Dropout(0.2)) for _ in range(2)], X, Y)
+    elif case == "activation on the input":
+        assert_same_step([mlp(first=nn.Tanh()), mlp(first=nn.ReLU())], X, Y)
+    elif case == "regression":
+        assert_same_step([mlp(out=1) for _ in range(3)], X, torch.randn(32), kind="regression")
+    elif case == "regression, several outputs":
+        assert_same_step([mlp(out=3) for _ in range(3)], X, torch.randn(32, 3), kind="regression")
+    else:
+        xs, ys = torch.randn(3, 32, 12), torch.randint(0, 4, (3, 32))
+        assert_same_step([mlp(dropout=0.2) for _ in range(3)], xs, ys, shared=False)
+
+
+def test_the_trainer_takes_the_written_out_step_in_full_precision_only() -> None:
+    data = trainers.Data((X.repeat(4, 1), Y.repeat(4)), (X, Y))
+    hparams = [{"lr": 0.01, "optimizer": {"name": "adam"}}, {"lr": 0.1, "optimizer": {"name": "sgd", "momentum": 0.9}}]
+    runs = {}
+    for written_out in (True, False):
+        config = trainers.TrainerConfig(epochs=3, batch_size=16, device="cpu", accumulate_grad_batches=2,
+                                        gradient_clip_val=0.5, seed=3)
+        trainer = StackedTrainer(data, config, seed=3)
+        torch.manual_seed(0)
+        trainer.start([mlp(dropout=0.25), mlp(nn.GELU, dropout=0.1)], [Slot(i, h) for i, h in enumerate(hparams)])
+        assert trainer.written_out
+        trainer.written_out = written_out
+        torch.manual_seed(7)
+        for _ in range(config.epochs):
+            trainer.train_epoch()
+        runs[written_out] = trainer
+    for name, param in runs[True].model.params.items():
+        torch.testing.assert_close(param, runs[False].model.params[name], rtol=1e-4, atol=1e-6, msg=name)
+    for written, taped in zip(runs[True].slots, runs[False].slots):
+        for ours, theirs in zip(written.history, taped.history, strict=True):
+            assert ours == pytest.approx(theirs, rel=1e-4)
+    bf16 = StackedTrainer(data, trainers.TrainerConfig(epochs=1, device="cpu", precision="bf16-mixed"))
+    bf16.start([mlp(), mlp()], [Slot(i, h) for i, h in enumerate(hparams)])
+    assert not bf16.written_out
+
+
+def test_dropout_keeps_each_slots_units_at_its_rate_and_scales_them_to_expectation_one() -> None:
+    rates = [0.0, 0.1, 0.5, 0.85, 1.0]
+    model = StackedModel([mlp(dropout=p) for p in rates], CPU)
+    (name,) = model.dropouts
+    torch.manual_seed(0)
+    mask = model.keep_mask(name, torch.empty(len(rates), 400, 500))
+    kept = (mask > 0).float().mean((1, 2))
+    for k, p in enumerate(rates):
+        values = mask[k][mask[k] > 0]
+        if p < 1:
+            torch.testing.assert_close(values, torch.full_like(values, 1 / (1 - p)), rtol=1e-4, atol=0)
+        # 200,000 units a slot: the kept fraction's standard deviation is below 0.0012.
+        assert abs(kept[k].item() - (1 - p)) < 0.005
+    assert torch.equal(mask[0], torch.ones_like(mask[0])) and torch.equal(mask[-1], torch.zeros_like(mask[-1]))
+    # An odd number of units (the 16-bit draws come four to a 64-bit one).
+    assert model.keep_mask(name, torch.empty(len(rates), 3, 7)).shape == (len(rates), 3, 7)

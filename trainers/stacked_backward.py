@@ -1,0 +1,150 @@
+"""A training step of the batched-matmul plan (a `StackedModel` of a plain `nn.Sequential` of
+linear layers, element-wise activations and dropout) with its backward written out.
+
+For a group of small models autograd's bookkeeping costs more than the arithmetic: every op
+records a node and its saved tensors, and every parameter's gradient passes through an
+accumulation node. Here the backward is each layer's own formula, in reverse: a linear layer's
+grad W = g^T h, grad b = sum of g, g <- g W; ReLU's g <- g where its output > 0; dropout's
+g <- g * mask; the loss's gradient in closed form (softmax minus the smoothed one-hot, over the
+rows; 2 (prediction - target) / n). Other activations take theirs from autograd, on that one op.
+The gradients are added to `.grad` as `backward()` adds them, so clipping, the optimizer and
+gradient accumulation see no difference; the equality is tested against autograd.
+
+Full precision only: under autocast the step goes through autograd (`StackedTrainer` chooses).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from trainers.vectorized import StackedModel
+
+
+@torch.no_grad()
+def loss_and_grads(
+    model: StackedModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    shared: bool,
+    kind: str,
+    smoothing: torch.Tensor | None = None,
+    weight: float = 1.0,
+) -> torch.Tensor:
+    """Each slot's mean loss over the batch, [K]; every parameter's `.grad` grows by the gradient
+    of `weight` times their sum (`weight` is 1 / accumulate_grad_batches)."""
+    from trainers.vectorized import _SlotDropout  # the stacked model's own module; imported late (cycle)
+
+    params = model.params
+    h = x.expand(model.size, *x.shape) if shared else x
+    tape: list[tuple] = []
+    # Nothing before the first linear layer needs a gradient: the data does not.
+    wanted = False
+    for name, layer in model.plan:
+        if type(layer) is nn.Linear:
+            weight_, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
+            tape.append(("linear", name, h, wanted))
+            h = torch.bmm(h, weight_.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight_.transpose(1, 2))
+            wanted = True
+        elif type(layer) is _SlotDropout:
+            if model.training and layer.active:
+                mask = model.keep_mask(name, h)
+                h = h * mask
+                if wanted:
+                    tape.append(("mask", mask))
+        elif not wanted:
+            h = model._activate(name, h)
+        elif all(type(module) in DERIVATIVES for module, _ in model._kinds[name]):
+            out = model._activate(name, h)
+            tape.append(("activation", model._kinds[name], h, out))
+            h = out
+        else:  # an element-wise module without a formula here: autograd over this op alone
+            with torch.enable_grad():
+                given = h.detach().requires_grad_(True)
+                out = model._activate(name, given)
+            tape.append(("autograd", given, out))
+            h = out.detach()
+    losses, g = _loss_and_gradient(h, y, shared, kind, smoothing, weight)
+    for entry in reversed(tape):
+        if entry[0] == "linear":
+            _, name, given, wanted = entry
+            weight_ = params[f"{name}.weight"]
+            _accumulate(weight_, torch.bmm(g.transpose(1, 2), given))
+            if f"{name}.bias" in params:
+                _accumulate(params[f"{name}.bias"], g.sum(1))
+            if not wanted:
+                break
+            g = torch.bmm(g, weight_)
+        elif entry[0] == "mask":
+            g = g * entry[1]
+        elif entry[0] == "activation":
+            _, kinds, given, out = entry
+            # Slots with different activations: each slot's gradient through its own (as `_activate`).
+            grad = DERIVATIVES[type(kinds[0][0])](g, kinds[0][0], given, out)
+            for module, mask in kinds[1:]:
+                mask = mask.view(-1, *([1] * (g.dim() - 1)))
+                grad = torch.where(mask, DERIVATIVES[type(module)](g, module, given, out), grad)
+            g = grad
+        else:
+            _, given, out = entry
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(out, given, g)
+    return losses
+
+
+_aten = torch.ops.aten
+# The gradient through an element-wise module from the gradient of its output, its input and its
+# output: torch's own backward kernels, which autograd would call.
+DERIVATIVES = {
+    nn.ReLU: lambda g, m, x, y: _aten.threshold_backward(g, y, 0),
+    nn.GELU: lambda g, m, x, y: _aten.gelu_backward(g, x, approximate=m.approximate),
+    nn.Tanh: lambda g, m, x, y: _aten.tanh_backward(g, y),
+    nn.Sigmoid: lambda g, m, x, y: _aten.sigmoid_backward(g, y),
+    nn.SiLU: lambda g, m, x, y: _aten.silu_backward(g, x),
+    nn.LeakyReLU: lambda g, m, x, y: _aten.leaky_relu_backward(g, x, m.negative_slope, False),
+    nn.ELU: lambda g, m, x, y: _aten.elu_backward(g, m.alpha, 1, 1, False, x),
+    nn.Identity: lambda g, m, x, y: g,
+}
+
+
+def _loss_and_gradient(
+    out: torch.Tensor, y: torch.Tensor, shared: bool, kind: str, smoothing: torch.Tensor | None, weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slot's mean loss [K], as `StackedTrainer._loss`, and the gradient of `weight` times
+    their sum with respect to `out`."""
+    k = out.shape[0]
+    targets = y.expand(k, *y.shape) if shared else y
+    if kind != "classification":
+        prediction = out.reshape(targets.shape)
+        per = F.mse_loss(prediction, targets, reduction="none")
+        n = per[0].numel()
+        grad = (prediction - targets).mul_(2 * weight / n).reshape(out.shape)
+        return per.reshape(k, -1).mean(1), grad
+    logits = out.float()
+    lse = logits.logsumexp(-1, keepdim=True)
+    index = targets.long().unsqueeze(-1)
+    target = logits.gather(-1, index)
+    grad = (logits - lse).exp_()  # softmax
+    if smoothing is None:
+        per = lse - target
+        grad.scatter_add_(-1, index, torch.full_like(target, -1.0))
+    else:
+        # (1 - e) of the target's one-hot, and e spread evenly over the classes.
+        e = smoothing.reshape(k, *([1] * (logits.dim() - 1)))
+        per = lse - (1 - e) * target - e * logits.mean(-1, keepdim=True)
+        grad.sub_(e / logits.shape[-1]).scatter_add_(-1, index, (e - 1).expand_as(target))
+    per = per.squeeze(-1)
+    n = per[0].numel()
+    return per.reshape(k, -1).mean(1), grad.mul_(weight / n).to(out.dtype)
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
