@@ -356,18 +356,19 @@ def test_fp16_slots_scale_their_own_losses_and_skip_only_their_own_overflowing_s
     trainer = StackedTrainer(data, config, per_slot_data=True)
     trainer.start([copy.deepcopy(m) for m in models], [Slot(key=i, hparams=HPARAMS[i], seed=s) for i, s in enumerate(seeds)])
     weight = trainer.model.params["0.weight"]
-    before_step: list[torch.Tensor] = []  # slot weights as each backward runs, i.e. before its step
+    before_step: list[torch.Tensor] = []  # slot weights as each step's gradients are unscaled, i.e. before the step
+    unscale = trainer.scaler.unscale
 
-    def overflow_slot_0(grad: torch.Tensor) -> torch.Tensor:
+    def overflow_slot_0(grads: list[torch.Tensor]) -> torch.Tensor:
         before_step.append(weight.detach().clone())
-        if len(before_step) != 3:
-            return grad
-        grad = grad.clone()
-        grad[0] *= math.inf
-        return grad
+        if len(before_step) == 3:
+            assert grads[0] is weight.grad
+            grads[0][0] *= math.inf
+        return unscale(grads)
 
     # Slot 0's (Adam) first-layer gradient overflows at its third step, in the group and alone.
-    weight.register_hook(overflow_slot_0)
+    # (Injected before the unscale: the group's backward is written out, with no autograd hooks.)
+    trainer.scaler.unscale = overflow_slot_0
     for _ in range(config.epochs):
         trainer.train_epoch()
     skipped, next_step = before_step[2], before_step[3]

@@ -10,7 +10,8 @@ rows; 2 (prediction - target) / n). Other activations take theirs from autograd,
 The gradients are added to `.grad` as `backward()` adds them, so clipping, the optimizer and
 gradient accumulation see no difference; the equality is tested against autograd.
 
-Full precision only: under autocast the step goes through autograd (`StackedTrainer` chooses).
+Under autocast's precisions the same step computes as autocast would: the linear layers in the
+low precision, the loss in float32, the gradients added to the float32 `.grad`.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ def loss_and_grads(
     shared: bool,
     kind: str,
     smoothing: torch.Tensor | None = None,
-    weight: float = 1.0,
+    weight: float | torch.Tensor = 1.0,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Each slot's mean loss over the batch, [K]; every parameter's `.grad` grows by the gradient
-    of `weight` times their sum (`weight` is 1 / accumulate_grad_batches)."""
+    of the sum of the losses times `weight`: 1 / accumulate_grad_batches, and with fp16 each
+    slot's loss scale ([K]). `dtype`: the autocast dtype (bf16, fp16), or None in full precision.
+    As autocast does, the linear layers then compute in `dtype` (their inputs, weights and biases
+    cast each step), the element-wise layers in their input's dtype, the loss in float32."""
     from trainers.vectorized import _SlotDropout  # the stacked model's own module; imported late (cycle)
 
     params = model.params
@@ -48,7 +53,10 @@ def loss_and_grads(
     for name, layer in model.plan:
         if type(layer) is nn.Linear:
             weight_, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
-            tape.append(("linear", name, h, wanted))
+            if dtype is not None:
+                h, weight_ = h.to(dtype), weight_.to(dtype)
+                bias = bias.to(dtype) if bias is not None else None
+            tape.append(("linear", name, h, weight_, wanted))
             h = torch.bmm(h, weight_.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight_.transpose(1, 2))
             wanted = True
         elif type(layer) is _SlotDropout:
@@ -72,9 +80,8 @@ def loss_and_grads(
     losses, g = _loss_and_gradient(h, y, shared, kind, smoothing, weight)
     for entry in reversed(tape):
         if entry[0] == "linear":
-            _, name, given, wanted = entry
-            weight_ = params[f"{name}.weight"]
-            _accumulate(weight_, torch.bmm(g.transpose(1, 2), given))
+            _, name, given, weight_, wanted = entry
+            _accumulate(params[f"{name}.weight"], torch.bmm(g.transpose(1, 2), given))
             if f"{name}.bias" in params:
                 _accumulate(params[f"{name}.bias"], g.sum(1))
             if not wanted:
@@ -113,18 +120,21 @@ DERIVATIVES = {
 
 
 def _loss_and_gradient(
-    out: torch.Tensor, y: torch.Tensor, shared: bool, kind: str, smoothing: torch.Tensor | None, weight: float,
+    out: torch.Tensor, y: torch.Tensor, shared: bool, kind: str, smoothing: torch.Tensor | None,
+    weight: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each slot's mean loss [K], as `StackedTrainer._loss`, and the gradient of `weight` times
-    their sum with respect to `out`."""
+    """Each slot's mean loss [K], as `StackedTrainer._loss`, and the gradient of their sum times
+    `weight` with respect to `out`."""
     k = out.shape[0]
     targets = y.expand(k, *y.shape) if shared else y
+    if isinstance(weight, torch.Tensor):  # per slot
+        weight = weight.reshape(k, *([1] * (out.dim() - 1)))
     if kind != "classification":
         prediction = out.reshape(targets.shape)
         per = F.mse_loss(prediction, targets, reduction="none")
         n = per[0].numel()
-        grad = (prediction - targets).mul_(2 * weight / n).reshape(out.shape)
-        return per.reshape(k, -1).mean(1), grad
+        grad = (prediction - targets).reshape(out.shape).mul_(weight * (2 / n))
+        return per.reshape(k, -1).mean(1), grad.to(out.dtype)
     logits = out.float()
     lse = logits.logsumexp(-1, keepdim=True)
     index = targets.long().unsqueeze(-1)
@@ -144,6 +154,7 @@ def _loss_and_gradient(
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    grad = grad.to(param.dtype)  # computed in the autocast dtype: the cast's backward, as autograd's
     if param.grad is None:
         param.grad = grad
     else:

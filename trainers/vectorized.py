@@ -50,7 +50,7 @@ from trainers.loop import (
     optimizer_spec,
     resolve_device,
 )
-from trainers.precision import autocast_for
+from trainers.precision import DTYPES, autocast_for
 from trainers.schedule import Schedule, build_schedule, merge
 from trainers.stacked_optim import StackedOptimizer, StackedScaler, per_slot, stand_in_optimizer
 
@@ -471,9 +471,8 @@ class StackedTrainer:
         cannot be stacked fails here, with `NotVectorizable`, before any slot trained."""
         specs = [check_hparams(s.hparams, self.config) for s in slots]
         self.model = StackedModel(models, self.device, batched=self.batched)
-        # The batched path's backward written out, in full precision (autocast and fp16's scaler
-        # go through autograd); the same gradients in fewer ops (`trainers.stacked_backward`).
-        self.written_out = self.model.plan is not None and str(self.config.precision) == "32"
+        # The batched path's backward written out: the same gradients in fewer ops (`trainers.stacked_backward`).
+        self.written_out = self.model.plan is not None
         self.optimizer = StackedOptimizer(self.model.parameters(), specs)
         if str(self.config.precision) == "fp16-mixed":
             self.scaler = StackedScaler(len(slots), self.device)
@@ -646,6 +645,22 @@ class StackedTrainer:
             per = F.mse_loss(out.reshape(targets.shape), targets, reduction="none")
         return per.reshape(k, -1).mean(1)
 
+    def _backward(self, x: torch.Tensor, y: torch.Tensor, shared: bool, smoothing: torch.Tensor | None = None,
+                  accumulate: int = 1) -> torch.Tensor:
+        """One batch's forward and backward for every slot: each slot's mean loss, [K]; the
+        gradients (of the losses over `accumulate`, times fp16's scales) added to `.grad`."""
+        scaler = self.scaler
+        if self.written_out:
+            weight = scaler.scale / accumulate if scaler is not None else 1 / accumulate
+            return stacked_backward.loss_and_grads(self.model, x, y, shared=shared, kind=self.kind, smoothing=smoothing,
+                                                   weight=weight, dtype=DTYPES.get(str(self.config.precision)))
+        with self.autocast():
+            out = self.model(x, shared=shared)
+        losses = self._loss(out, y, shared, smoothing)
+        total = (losses * scaler.scale).sum() if scaler is not None else losses.sum()
+        (total / accumulate if accumulate > 1 else total).backward()
+        return losses
+
     def train_epoch(self) -> list[Slot]:
         """One pass over the training data for every slot, then validation: each slot's `metrics`
         and `history` grow by one epoch. Returns the slots (`epoch` is the epoch just validated)."""
@@ -661,15 +676,7 @@ class StackedTrainer:
         for i, (x, y, shared) in enumerate(batches):
             if self.stop is not None and self.stop():
                 raise Stopped(list(self.slots))
-            if self.written_out:
-                losses = stacked_backward.loss_and_grads(model, x, y, shared=shared, kind=self.kind,
-                                                         smoothing=smoothing, weight=1 / accumulate)
-            else:
-                with self.autocast():
-                    out = model(x, shared=shared)
-                losses = self._loss(out, y, shared, smoothing)
-                total = (losses * scaler.scale).sum() if scaler is not None else losses.sum()
-                (total / accumulate if accumulate > 1 else total).backward()
+            losses = self._backward(x, y, shared, smoothing, accumulate)
             if (i + 1) % accumulate == 0 or i + 1 == len(batches):
                 found_inf = None
                 if scaler is not None:
@@ -879,7 +886,7 @@ def probe_width(
                         _sync(device)
                         started = time.perf_counter()
                     x, y, shared = batches[i % len(batches)]
-                    trainer._loss(trainer.model(x, shared=shared), y, shared).sum().backward()
+                    trainer._backward(x, y, shared)  # the step training takes (written out or autograd)
                     trainer.optimizer.step()
                     trainer.optimizer.zero_grad()
                 _sync(device)
