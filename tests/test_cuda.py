@@ -17,6 +17,8 @@ import torch
 import yaml
 from conftest import ROOT, hpo
 from optuna.trial import TrialState
+from test_stacked_backward import X, Y, assert_same_step
+from test_stacked_backward import mlp as stackable_mlp
 from test_trainers_checkpoint import Crash, CrashAt, make_data, make_model
 from torch import nn
 
@@ -168,3 +170,13 @@ def test_hpo_run_in_population_mode_on_cuda_in_bf16(tmp_path: Path) -> None:
     widths = {t.user_attrs["hpo:vectorize"]["width"] for t in trials}
     assert len(widths) == 1 and widths.pop() >= 2
     print("auto width on", torch.cuda.get_device_name(), json.dumps(trials[0].user_attrs["hpo:vectorize"]))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_the_written_out_step_gives_autograds_gradients_on_cuda(dtype: torch.dtype | None) -> None:
+    # cuBLAS may pick other kernels for the two paths' products: equal within the precision's rounding.
+    tolerance = {None: (1e-4, 1e-6), torch.bfloat16: (2e-2, 1e-3), torch.float16: (5e-3, 1e-4)}[dtype]
+    torch.manual_seed(0)
+    models = [stackable_mlp(nn.ReLU, dropout=0.2), stackable_mlp(nn.GELU, dropout=0.0), stackable_mlp(nn.Tanh, dropout=1.0)]
+    assert_same_step(models, X, Y, device=torch.device("cuda"), dtype=dtype, smoothing=torch.tensor([0.0, 0.1, 0.2]),
+                     rtol=tolerance[0], atol=tolerance[1])

@@ -27,29 +27,32 @@ def autograd_step(model: StackedModel, x, y, *, shared=True, kind="classificatio
     `_loss` and `backward()`."""
     trainer = StackedTrainer.__new__(StackedTrainer)
     trainer.kind = kind
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
         out = model(x, shared=shared)
     losses = trainer._loss(out, y, shared, smoothing)
     (losses * weight).sum().backward()
     return losses.detach()
 
 
-def assert_same_step(models, x, y, **options) -> None:
+def assert_same_step(models, x, y, *, device: torch.device = CPU, rtol: float = 1e-5, atol: float = 1e-7, **options) -> None:
+    """One step of `models` stacked, written out and through autograd: the same losses and gradients."""
     options = {"shared": True, "kind": "classification", **options}
     models = [copy.deepcopy(m) for m in models]
-    model = StackedModel(models, CPU)
+    model = StackedModel(models, device)
+    x, y = x.to(device), y.to(device)
+    options.update({k: v.to(device) for k, v in options.items() if isinstance(v, torch.Tensor)})
     assert model.plan is not None
-    torch.manual_seed(5)  # the same dropout masks for both
+    torch.manual_seed(5)  # the same dropout masks for both (CUDA's generator included)
     expected = autograd_step(model, x, y, **options)
     grads = {k: v.grad for k, v in model.params.items()}
     for v in model.params.values():
         v.grad = None
     torch.manual_seed(5)
     losses = stacked_backward.loss_and_grads(model, x, y, **options)
-    torch.testing.assert_close(losses, expected, rtol=0, atol=0)
+    torch.testing.assert_close(losses, expected, rtol=rtol, atol=atol)
     for name, param in model.params.items():
         assert param.grad.dtype == param.dtype
-        torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(param.grad, grads[name], rtol=rtol, atol=atol, msg=name)
 
 
 X, Y = torch.randn(32, 12, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 4
