@@ -68,7 +68,7 @@ def test_every_elementwise_activation_gives_autograds_gradients(act: type[nn.Mod
 @pytest.mark.parametrize("case", [
     "mixed activations", "activation options", "dropout rates 0, 0.3 and 1", "no bias, label smoothing, weight",
     "dropout on the input", "activation on the input", "regression", "regression, several outputs", "per-slot batches",
-    "bf16", "fp16 with per-slot loss scales", "bf16 regression",
+    "bf16", "fp16 with per-slot loss scales", "bf16 regression", "float64 model under bf16", "float64 smoothing",
 ])
 def test_the_written_out_step_gives_autograds_gradients(case: str) -> None:
     torch.manual_seed(0)
@@ -98,8 +98,12 @@ def test_the_written_out_step_gives_autograds_gradients(case: str) -> None:
     elif case == "fp16 with per-slot loss scales":
         assert_same_step([mlp(dropout=0.2) for _ in range(3)], X, Y, dtype=torch.float16,
                          weight=torch.tensor([2.0**16, 2.0**10, 1.0]) / 2)
-    else:
+    elif case == "bf16 regression":
         assert_same_step([mlp(out=2) for _ in range(2)], X, torch.randn(32, 2), kind="regression", dtype=torch.bfloat16)
+    elif case == "float64 model under bf16":  # autocast leaves float64 alone: so does the written-out step
+        assert_same_step([mlp(dropout=0.2).double() for _ in range(2)], X.double(), Y, dtype=torch.bfloat16)
+    else:  # per-slot values as torch.tensor makes them under a float64 default dtype
+        assert_same_step([mlp() for _ in range(2)], X, Y, smoothing=torch.tensor([0.1, 0.2], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed", "fp16-mixed"])
@@ -146,3 +150,9 @@ def test_dropout_keeps_each_slots_units_at_its_rate_and_scales_them_to_expectati
     assert torch.equal(mask[0], torch.ones_like(mask[0])) and torch.equal(mask[-1], torch.zeros_like(mask[-1]))
     # An odd number of units (the 16-bit draws come four to a 64-bit one).
     assert model.keep_mask(name, torch.empty(len(rates), 3, 7)).shape == (len(rates), 3, 7)
+    # For 16-bit activations the mask stays float32: bfloat16 would round 1/0.9 to 1.109375, and
+    # float16 overflows at the scale of one unit kept in 65536.
+    bf16 = model.keep_mask(name, torch.empty(len(rates), 400, 500, dtype=torch.bfloat16))
+    assert bf16.dtype == torch.float32 and bf16[1].max().item() == pytest.approx(1 / 0.9, rel=1e-4)
+    nearly_all = StackedModel([mlp(dropout=1 - 1 / 65536)], CPU)
+    assert torch.isfinite(nearly_all.keep_mask(name, torch.empty(1, 64, 64, dtype=torch.float16))).all()

@@ -47,50 +47,53 @@ def loss_and_grads(
 
     params = model.params
     h = x.expand(model.size, *x.shape) if shared else x
+    # Per layer that needs its backward: (kind, the dtype of its input, of its output, what its
+    # gradient needs). As autograd does, a gradient is cast to the dtype of what it is the gradient of.
     tape: list[tuple] = []
-    # Nothing before the first linear layer needs a gradient: the data does not.
-    wanted = False
-    for name, layer in model.plan:
-        if type(layer) is nn.Linear:
-            weight_, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
-            if dtype is not None:
-                h, weight_ = h.to(dtype), weight_.to(dtype)
-                bias = bias.to(dtype) if bias is not None else None
-            tape.append(("linear", name, h, weight_, wanted))
-            h = torch.bmm(h, weight_.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight_.transpose(1, 2))
-            wanted = True
-        elif type(layer) is _SlotDropout:
-            if model.training and layer.active:
+    wanted = False  # nothing before the first linear layer needs a gradient: the data does not
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for name, layer in model.plan:
+            given = h
+            if type(layer) is nn.Linear:
+                weight_, bias = _cast(params[f"{name}.weight"], dtype), _cast(params.get(f"{name}.bias"), dtype)
+                h = _cast(h, dtype)
+                out = torch.bmm(h, weight_.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight_.transpose(1, 2))
+                tape.append(("linear", given.dtype, out.dtype, name, h, weight_, wanted))
+                wanted = True
+            elif type(layer) is _SlotDropout:
+                if not (model.training and layer.active):
+                    continue
                 mask = model.keep_mask(name, h)
-                h = h * mask
+                out = (h * mask).to(h.dtype)
                 if wanted:
-                    tape.append(("mask", mask))
-        elif not wanted:
-            h = model._activate(name, h)
-        elif all(type(module) in DERIVATIVES for module, _ in model._kinds[name]):
-            out = model._activate(name, h)
-            tape.append(("activation", model._kinds[name], h, out))
+                    tape.append(("mask", given.dtype, out.dtype, mask))
+            elif not wanted:
+                out = model._activate(name, h)
+            elif all(type(module) in DERIVATIVES for module, _ in model._kinds[name]):
+                out = model._activate(name, h)
+                tape.append(("activation", given.dtype, out.dtype, model._kinds[name], h, out))
+            else:  # an element-wise module without a formula here: autograd over this op alone
+                with torch.enable_grad():
+                    given = h.detach().requires_grad_(True)
+                    out = model._activate(name, given)
+                tape.append(("autograd", given.dtype, out.dtype, given, out))
+                out = out.detach()
             h = out
-        else:  # an element-wise module without a formula here: autograd over this op alone
-            with torch.enable_grad():
-                given = h.detach().requires_grad_(True)
-                out = model._activate(name, given)
-            tape.append(("autograd", given, out))
-            h = out.detach()
     losses, g = _loss_and_gradient(h, y, shared, kind, smoothing, weight)
-    for entry in reversed(tape):
-        if entry[0] == "linear":
-            _, name, given, weight_, wanted = entry
+    for what, before, after, *saved in reversed(tape):
+        g = g.to(after)
+        if what == "linear":
+            name, given, weight_, wanted = saved
             _accumulate(params[f"{name}.weight"], torch.bmm(g.transpose(1, 2), given))
             if f"{name}.bias" in params:
                 _accumulate(params[f"{name}.bias"], g.sum(1))
             if not wanted:
                 break
             g = torch.bmm(g, weight_)
-        elif entry[0] == "mask":
-            g = g * entry[1]
-        elif entry[0] == "activation":
-            _, kinds, given, out = entry
+        elif what == "mask":
+            g = g * saved[0]
+        elif what == "activation":
+            kinds, given, out = saved
             # Slots with different activations: each slot's gradient through its own (as `_activate`).
             grad = DERIVATIVES[type(kinds[0][0])](g, kinds[0][0], given, out)
             for module, mask in kinds[1:]:
@@ -98,10 +101,18 @@ def loss_and_grads(
                 grad = torch.where(mask, DERIVATIVES[type(module)](g, module, given, out), grad)
             g = grad
         else:
-            _, given, out = entry
+            given, out = saved
             with torch.enable_grad():
                 (g,) = torch.autograd.grad(out, given, g)
+        g = g.to(before)
     return losses
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """`t` as autocast hands it to a matrix product: floating point other than float64 in `dtype`."""
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
 
 
 _aten = torch.ops.aten
@@ -147,7 +158,7 @@ def _loss_and_gradient(
         # (1 - e) of the target's one-hot, and e spread evenly over the classes.
         e = smoothing.reshape(k, *([1] * (logits.dim() - 1)))
         per = lse - (1 - e) * target - e * logits.mean(-1, keepdim=True)
-        grad.sub_(e / logits.shape[-1]).scatter_add_(-1, index, (e - 1).expand_as(target))
+        grad.sub_(e / logits.shape[-1]).scatter_add_(-1, index, (e - 1).to(grad.dtype).expand_as(target))
     per = per.squeeze(-1)
     n = per[0].numel()
     return per.reshape(k, -1).mean(1), grad.mul_(weight / n).to(out.dtype)

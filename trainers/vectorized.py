@@ -287,7 +287,7 @@ class StackedModel:
                 h = torch.bmm(h, weight.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
             elif type(layer) is _SlotDropout:
                 if self.training and layer.active:
-                    h = h * self.keep_mask(name, h)
+                    h = (h * self.keep_mask(name, h)).to(h.dtype)
             else:
                 h = self._activate(name, h)
         return h
@@ -295,16 +295,18 @@ class StackedModel:
     __call__ = forward
 
     def keep_mask(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        """The batched path's dropout at `name` for `h` [K, ...]: slot k keeps each unit with
+        """The batched path's dropout mask at `name` for `h` [K, ...]: slot k keeps each unit with
         probability 1 - p_k, rounded to a multiple of 1/65536, and scales it by the inverse of
-        that probability (so that the mask's expectation is exactly 1)."""
+        that probability, so that the mask's expectation is exactly 1. In h's dtype, or float32
+        for a 16-bit h (in bfloat16 the scale 1/0.9 would be 1.109375; in float16 up to 65536)."""
         threshold, scale = self._keep[name]
         shape = (-1, *([1] * (h.dim() - 1)))
         n = h.numel()
         # Four 16-bit uniform numbers from each 64-bit draw: the generator was most of dropout's
         # time, one 32-bit draw per unit for torch.rand_like (digits MLP, 8 slots: 114 us against 83).
         bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=h.device).random_(-2**63, None)
-        return (bits.view(torch.int16)[:n].view(h.shape) <= threshold.view(shape)).to(h.dtype).mul_(scale.view(shape))
+        dtype = h.dtype if h.dtype.itemsize >= 4 else torch.float32
+        return (bits.view(torch.int16)[:n].view(h.shape) <= threshold.view(shape)).to(dtype).mul_(scale.view(shape))
 
     def _activate(self, name: str, h: torch.Tensor) -> torch.Tensor:
         kinds = self._kinds[name]
@@ -363,7 +365,7 @@ class StackedModel:
             p = self.buffers[f"{name}.p"]
             module.active = bool((p > 0).any())
             # Units kept of 65536; a uniform int16 r is kept when r <= units - 32769.
-            units = ((1 - p.double()) * 65536).round().clamp(0, 65536)
+            units = ((1 - p.float()) * 65536).round().clamp(0, 65536)
             threshold = (units - 32769).clamp(min=-32768).to(torch.int16)
             scale = torch.where(units > 0, 65536 / units.clamp(min=1), 0).float()  # p = 1: all dropped
             self._keep[name] = (threshold, scale)
@@ -661,12 +663,23 @@ class StackedTrainer:
         (total / accumulate if accumulate > 1 else total).backward()
         return losses
 
+    def _update(self, clip: torch.Tensor | None = None) -> None:
+        """Every slot's optimizer step on the gradients gathered (unscaled, clipped; with fp16,
+        skipped by the slots that overflowed), then the gradients cleared."""
+        found_inf = None
+        if self.scaler is not None:
+            found_inf = self.scaler.unscale([p.grad for p in self.model.parameters() if p.grad is not None])
+        self._clip(clip)
+        self.optimizer.step(found_inf)
+        if self.scaler is not None:
+            self.scaler.update(found_inf)
+        self.optimizer.zero_grad()
+
     def train_epoch(self) -> list[Slot]:
         """One pass over the training data for every slot, then validation: each slot's `metrics`
         and `history` grow by one epoch. Returns the slots (`epoch` is the epoch just validated)."""
         config = self.config
-        model, optimizer, scaler = self.model, self.optimizer, self.scaler
-        model.train()
+        self.model.train()
         loss_sum = torch.zeros(self.size, device=self.device)
         steps = 0
         accumulate = config.accumulate_grad_batches
@@ -678,14 +691,7 @@ class StackedTrainer:
                 raise Stopped(list(self.slots))
             losses = self._backward(x, y, shared, smoothing, accumulate)
             if (i + 1) % accumulate == 0 or i + 1 == len(batches):
-                found_inf = None
-                if scaler is not None:
-                    found_inf = scaler.unscale([p.grad for p in model.parameters() if p.grad is not None])
-                self._clip(clip)
-                optimizer.step(found_inf)
-                if scaler is not None:
-                    scaler.update(found_inf)
-                optimizer.zero_grad()
+                self._update(clip)
                 for scheduler in per_step:
                     scheduler.step()
             loss_sum += losses.detach()
@@ -887,8 +893,7 @@ def probe_width(
                         started = time.perf_counter()
                     x, y, shared = batches[i % len(batches)]
                     trainer._backward(x, y, shared)  # the step training takes (written out or autograd)
-                    trainer.optimizer.step()
-                    trainer.optimizer.zero_grad()
+                    trainer._update()
                 _sync(device)
                 runs.append((time.perf_counter() - started) / steps / width)
             del trainer
