@@ -287,7 +287,8 @@ class StackedModel:
                 h = torch.bmm(h, weight.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
             elif type(layer) is _SlotDropout:
                 if self.training and layer.active:
-                    h = (h * self.keep_mask(name, h)).to(h.dtype)
+                    mask = self.keep_mask(name, h)
+                    h = h * mask if mask.dtype == h.dtype else (h * mask).to(h.dtype)
             else:
                 h = self._activate(name, h)
         return h
