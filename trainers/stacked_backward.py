@@ -57,8 +57,9 @@ def loss_and_grads(
         for name, layer in model.plan:
             given = h
             if type(layer) is nn.Linear:
-                weight_, bias = _cast(params[f"{name}.weight"], dtype), _cast(params.get(f"{name}.bias"), dtype)
-                h = _cast(h, dtype)
+                weight_, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
+                if dtype is not None:
+                    weight_, bias, h = _cast(weight_, dtype), _cast(bias, dtype), _cast(h, dtype)
                 out = torch.bmm(h, weight_.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight_.transpose(1, 2))
                 tape.append(("linear", given.dtype, out.dtype, name, h, weight_, wanted))
                 wanted = True
@@ -82,8 +83,10 @@ def loss_and_grads(
                 out = out.detach()
             h = out
     losses, g = _loss_and_gradient(h, y, shared, kind, smoothing, weight)
+    cast = dtype is not None  # (in full precision nothing is cast, so no gradient needs casting back)
     for what, before, after, *saved in reversed(tape):
-        g = _as(g, after)
+        if cast:
+            g = _as(g, after)
         if what == "linear":
             name, given, weight_, wanted = saved
             _accumulate(params[f"{name}.weight"], torch.bmm(g.transpose(1, 2), given))
@@ -106,7 +109,8 @@ def loss_and_grads(
             given, out = saved
             with torch.enable_grad():
                 (g,) = torch.autograd.grad(out, given, g)
-        g = _as(g, before)
+        if cast:
+            g = _as(g, before)
     return losses
 
 
@@ -115,9 +119,9 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """`t` as autocast hands it to a matrix product: floating point other than float64 in `dtype`."""
-    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
         return t
     return t.to(dtype)
 
@@ -172,7 +176,8 @@ def _loss_and_gradient(
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    grad = grad.to(param.dtype)  # computed in the autocast dtype: the cast's backward, as autograd's
+    if grad.dtype != param.dtype:  # computed in the autocast dtype: the cast's backward, as autograd's
+        grad = grad.to(param.dtype)
     if param.grad is None:
         param.grad = grad
     else:
