@@ -68,7 +68,7 @@ def test_every_elementwise_activation_gives_autograds_gradients(act: type[nn.Mod
 @pytest.mark.parametrize("case", [
     "mixed activations", "activation options", "dropout rates 0, 0.3 and 1", "no bias, label smoothing, weight",
     "dropout on the input", "activation on the input", "regression", "regression, several outputs", "per-slot batches",
-    "bf16", "fp16 with per-slot loss scales", "bf16 regression", "float64 model under bf16", "float64 smoothing",
+    "bf16", "fp16 with per-slot loss scales", "bf16 regression", "float64 model under bf16", "float64 smoothing", "bfloat16 model in full precision",
 ])
 def test_the_written_out_step_gives_autograds_gradients(case: str) -> None:
     torch.manual_seed(0)
@@ -102,6 +102,8 @@ def test_the_written_out_step_gives_autograds_gradients(case: str) -> None:
         assert_same_step([mlp(out=2) for _ in range(2)], X, torch.randn(32, 2), kind="regression", dtype=torch.bfloat16)
     elif case == "float64 model under bf16":  # autocast leaves float64 alone: so does the written-out step
         assert_same_step([mlp(dropout=0.2).double() for _ in range(2)], X.double(), Y, dtype=torch.bfloat16)
+    elif case == "bfloat16 model in full precision":  # its dropout masks are float32
+        assert_same_step([mlp(dropout=0.2).bfloat16() for _ in range(2)], X.bfloat16(), Y)
     else:  # per-slot values as torch.tensor makes them under a float64 default dtype
         assert_same_step([mlp() for _ in range(2)], X, Y, smoothing=torch.tensor([0.1, 0.2], dtype=torch.float64))
 

@@ -96,7 +96,7 @@ def loss_and_grads(
                 break
             g = torch.bmm(g, weight_)
         elif what == "mask":
-            g = g * saved[0]
+            g = _as(g * saved[0], g.dtype)  # (a 16-bit activation's mask is float32)
         elif what == "activation":
             kinds, given, out = saved
             # Slots with different activations: each slot's gradient through its own (as `_activate`).
