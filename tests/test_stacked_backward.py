@@ -11,7 +11,7 @@ from torch import nn
 
 import trainers
 from trainers import stacked_backward
-from trainers.vectorized import ELEMENTWISE, Slot, StackedModel, StackedTrainer
+from trainers.vectorized import ELEMENTWISE, NotVectorizable, Slot, StackedModel, StackedTrainer
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -125,7 +125,7 @@ def test_the_trainer_trains_the_same_with_the_written_out_step(precision: str) -
         for _ in range(config.epochs):
             trainer.train_epoch()
         runs[written_out] = trainer
-    rel = 1e-4  # (in bf16 and fp16 here the two are equal bit for bit: the same kernels on the same operands)
+    rel = 1e-4  # (in bf16 and fp16 the two came out equal bit for bit here; in float32 within 1e-6)
     for name, param in runs[True].model.params.items():
         torch.testing.assert_close(param, runs[False].model.params[name], rtol=rel, atol=rel / 100, msg=name)
     for written, taped in zip(runs[True].slots, runs[False].slots):
@@ -152,9 +152,22 @@ def test_dropout_keeps_each_slots_units_at_its_rate_and_scales_them_to_expectati
     assert torch.equal(mask[0], torch.ones_like(mask[0])) and torch.equal(mask[-1], torch.zeros_like(mask[-1]))
     # An odd number of units (the 16-bit draws come four to a 64-bit one).
     assert model.keep_mask(name, torch.empty(len(rates), 3, 7)).shape == (len(rates), 3, 7)
+    assert model._keep[name][0][1].item() == 58982 - 32769  # p = 0.1 keeps 58,982 of 65,536 draws
     # For 16-bit activations the mask stays float32: bfloat16 would round 1/0.9 to 1.109375, and
     # float16 overflows at the scale of one unit kept in 65536.
     bf16 = model.keep_mask(name, torch.empty(len(rates), 400, 500, dtype=torch.bfloat16))
     assert bf16.dtype == torch.float32 and bf16[1].max().item() == pytest.approx(1 / 0.9, rel=1e-4)
     nearly_all = StackedModel([mlp(dropout=1 - 1 / 65536)], CPU)
     assert torch.isfinite(nearly_all.keep_mask(name, torch.empty(1, 64, 64, dtype=torch.float16))).all()
+
+
+def test_a_written_out_step_that_fails_is_found_when_the_group_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by the first-step check, it sends the trials to solo runs instead of failing them all.
+    def broken(*args, **kwargs):
+        raise RuntimeError("expected m1 and m2 to have the same dtype")
+
+    monkeypatch.setattr(stacked_backward, "loss_and_grads", broken)
+    data = trainers.Data((X, Y), (X, Y))
+    trainer = StackedTrainer(data, trainers.TrainerConfig(epochs=1, batch_size=16, device="cpu"))
+    with pytest.raises(NotVectorizable, match="same dtype"):
+        trainer.start([mlp(), mlp()], [Slot(i, {}) for i in range(2)])

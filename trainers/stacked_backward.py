@@ -4,9 +4,10 @@ linear layers, element-wise activations and dropout) with its backward written o
 For a group of small models autograd's bookkeeping costs more than the arithmetic: every op
 records a node and its saved tensors, and every parameter's gradient passes through an
 accumulation node. Here the backward is each layer's own formula, in reverse: a linear layer's
-grad W = g^T h, grad b = sum of g, g <- g W; ReLU's g <- g where its output > 0; dropout's
-g <- g * mask; the loss's gradient in closed form (softmax minus the smoothed one-hot, over the
-rows; 2 (prediction - target) / n). Other activations take theirs from autograd, on that one op.
+grad W = g^T h, grad b = sum of g, g <- g W; dropout's g <- g * mask; the loss's gradient in
+closed form (softmax minus the smoothed one-hot, over the rows; 2 (prediction - target) / n); the
+common activations through torch's own backward kernels (`DERIVATIVES`), any other element-wise
+module through autograd over that one op.
 The gradients are added to `.grad` as `backward()` adds them, so clipping, the optimizer and
 gradient accumulation see no difference; the equality is tested against autograd.
 

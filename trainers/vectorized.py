@@ -596,6 +596,9 @@ class StackedTrainer:
                 # The slots share each batch (and, unshuffled, batches are views of the data).
                 raise NotVectorizable("the model changes its input in place")
             out.float().sum().backward()
+            if self.written_out:  # the step training takes: what fails there falls back to solo runs too
+                y = self.data.train[1][: self.config.batch_size].clone()
+                self._backward(batch[0], y if not self.per_slot_data else y.expand(self.size, *y.shape), not self.per_slot_data)
             self.optimizer.zero_grad()
             for k, v in buffers.items():
                 self.model.buffers[k].copy_(v)
