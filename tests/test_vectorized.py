@@ -90,11 +90,17 @@ HPARAMS = [
     [{"name": "adamw", "lr": 1e-2, "weight_decay": 0.1}, {"name": "adamw", "lr": 2e-3, "beta1": 0.95}],
     [{"name": "rmsprop", "lr": 1e-2, "alpha": 0.9, "momentum": 0.8, "weight_decay": 1e-2}, {"name": "rmsprop", "lr": 3e-3}],
     [{"name": "adagrad", "lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}, {"name": "adagrad", "lr": 0.05, "weight_decay": 0.1}],
+    [{"name": "sgd", "lr": 0.1, "momentum": 0.9, "dampening": 0.3},
+     {"name": "sgd", "lr": 0.05, "momentum": 0.5, "dampening": 0.1, "weight_decay": 1e-3}, {"name": "sgd", "lr": 0.1, "momentum": 0.9}],
+    [{"name": "adam", "lr": 1e-2, "amsgrad": True}, {"name": "adamw", "lr": 5e-3, "amsgrad": True, "weight_decay": 0.1},
+     {"name": "adam", "lr": 1e-2}],
+    [{"name": "rmsprop", "lr": 1e-2, "centered": True, "momentum": 0.8}, {"name": "rmsprop", "lr": 3e-3, "centered": True},
+     {"name": "rmsprop", "lr": 3e-3}],
     # One group mixing every kind: each slot follows its own rule.
     [{"name": "adam", "lr": 1e-2}, {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
      {"name": "adamw", "lr": 5e-3, "weight_decay": 0.3}, {"name": "sgd", "lr": 0.3},
      {"name": "rmsprop", "lr": 1e-3, "momentum": 0.5}, {"name": "adagrad", "lr": 0.02}],
-], ids=["sgd", "adam", "adamw", "rmsprop", "adagrad", "mixed"])
+], ids=["sgd", "adam", "adamw", "rmsprop", "adagrad", "sgd-dampening", "amsgrad", "centered-rmsprop", "mixed"])
 def test_stacked_optimizer_follows_torch_optim_step_for_step(specs: list[dict]) -> None:
     k = len(specs)
     g = torch.Generator().manual_seed(1)
@@ -117,19 +123,41 @@ def test_stacked_optimizer_follows_torch_optim_step_for_step(specs: list[dict]) 
             torch.testing.assert_close(p_stacked[i].detach(), p_solo.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_refill_with_amsgrad_gets_its_state_made_and_follows_torch_optim() -> None:
+    g = torch.Generator().manual_seed(2)
+    init = [torch.randn(2, 5, 3, generator=g), torch.randn(2, 3, generator=g)]
+    stacked = [t.clone().requires_grad_(True) for t in init]
+    opt = StackedOptimizer(stacked, [{"name": "adam", "lr": 1e-2}, {"name": "sgd", "lr": 0.1}])
+    assert opt.x is None  # no slot needs the third copy yet
+    spec = {"name": "adam", "lr": 1e-2, "amsgrad": True}
+    opt.reset_slot(1, spec)
+    solo = [t[1].clone().requires_grad_(True) for t in init]
+    alone = trainers.build_optimizer(solo, spec)
+    for _ in range(10):
+        grads = [torch.randn(2, 5, 3, generator=g), torch.randn(2, 3, generator=g)]
+        for p, gr in zip(stacked, grads):
+            p.grad = gr.clone()
+        opt.step()
+        for p, gr in zip(solo, grads):
+            p.grad = gr[1].clone()
+        alone.step()
+    for p_stacked, p_solo in zip(stacked, solo):
+        torch.testing.assert_close(p_stacked[1].detach(), p_solo.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_hparams_the_stacked_loop_cannot_take_are_named() -> None:
     config = trainers.TrainerConfig()
     with pytest.raises(NotVectorizable, match="optimizer lbfgs"):
         check_hparams({"optimizer": "lbfgs"}, config)
-    with pytest.raises(NotVectorizable, match="centered RMSprop"):
-        check_hparams({"optimizer": {"name": "rmsprop", "centered": True}}, config)
+    with pytest.raises(NotVectorizable, match="option maximize is not stacked"):
+        check_hparams({"optimizer": {"name": "adam", "maximize": True}}, config)
     # What `fit` itself rejects fails that trial alone (it runs solo), never its group.
     with pytest.raises(NotVectorizable, match="Nesterov momentum requires a momentum"):
         check_hparams({"optimizer": {"name": "sgd", "nesterov": True}}, config)
     with pytest.raises(NotVectorizable, match="momentum"):
         check_hparams({"optimizer": "adagrad", "scheduler": "one-cycle"}, config)
-    with pytest.raises(NotVectorizable, match="amsgrad"):
-        check_hparams({"optimizer": {"name": "adam", "amsgrad": True}}, config)
+    for stacked in ({"name": "adam", "amsgrad": True}, {"name": "rmsprop", "centered": True}, {"name": "sgd", "momentum": 0.9, "dampening": 0.5}):
+        assert check_hparams({"optimizer": stacked}, config)["name"] == stacked["name"]
     assert check_hparams({"lr": 0.1, "optimizer": {"name": "sgd", "momentum": 0.9}}, config)["lr"] == 0.1
 
 
@@ -195,13 +223,24 @@ def test_each_slot_follows_its_own_learning_rate_schedule_as_fit_does() -> None:
     assert slots[2].schedule.scheduler.optimizer.param_groups[0]["lr"] < HPARAMS[2]["lr"]  # the plateau did reduce
 
 
-@pytest.mark.parametrize("schedule", [None, {"name": "cosine", "warmup_steps": 5}], ids=["constant", "cosine"])
-def test_a_trial_resumes_alone_from_the_checkpoint_its_slot_wrote(tmp_path, schedule) -> None:
+OPTION_HPARAMS = [  # the options whose state or first step differs: amsgrad, centered RMSprop, SGD dampening
+    {"lr": 0.01, "optimizer": {"name": "adam", "amsgrad": True}},
+    {"lr": 0.003, "weight_decay": 0.05, "optimizer": {"name": "adamw", "amsgrad": True, "beta2": 0.99}},
+    {"lr": 0.01, "optimizer": {"name": "rmsprop", "centered": True, "momentum": 0.5}},
+    {"lr": 0.05, "optimizer": {"name": "sgd", "momentum": 0.9, "dampening": 0.3}},
+    {"lr": 0.01, "optimizer": {"name": "rmsprop", "centered": True}},
+]
+
+
+@pytest.mark.parametrize("schedule, options", [(None, False), ({"name": "cosine", "warmup_steps": 5}, False), (None, True)],
+                         ids=["constant", "cosine", "optimizer options"])
+def test_a_trial_resumes_alone_from_the_checkpoint_its_slot_wrote(tmp_path, schedule, options) -> None:
     data = toy_data()
     config = trainers.TrainerConfig(epochs=4, batch_size=32, device="cpu", scheduler=schedule)
     seeds = [41, 42, 43, 44, 45]
-    hparams = [HPARAMS[i] for i in (0, 1, 2, 5, 6)]
-    # Adam, SGD (nesterov), AdamW, RMSprop (momentum), Adagrad: each one's state must come back as torch keeps it.
+    hparams = OPTION_HPARAMS if options else [HPARAMS[i] for i in (0, 1, 2, 5, 6)]
+    # Adam, SGD (nesterov), AdamW, RMSprop (momentum), Adagrad, or OPTION_HPARAMS: each one's state
+    # must come back as torch keeps it.
     slots = [Slot(key=i, hparams=h, seed=s, checkpoint_dir=str(tmp_path / f"slot-{i}")) for i, (h, s) in enumerate(zip(hparams, seeds))]
     seen: list[str] = []
 

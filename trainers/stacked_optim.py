@@ -15,7 +15,8 @@ from trainers.optim import build_optimizer
 
 
 class StackedOptimizer:
-    """SGD (momentum, nesterov), Adam, AdamW, RMSprop (momentum) and Adagrad on stacked tensors,
+    """SGD (momentum, nesterov, dampening), Adam and AdamW (amsgrad), RMSprop (momentum, centered)
+    and Adagrad on stacked tensors,
     each slot with its own kind and hyperparameters, numerically as `torch.optim` (``fused=True``
     for the first three, whose kernels also skip an fp16 slot's overflowing step on the device).
 
@@ -35,8 +36,14 @@ class StackedOptimizer:
         self.groups: list[dict[str, Any] | None] = [None] * len(specs)
         self.m = [torch.zeros_like(p) for p in params]  # SGD's and RMSprop's momentum buffer, Adam's first moment
         self.v = [torch.zeros_like(p) for p in params]  # Adam's second moment, RMSprop's square average, Adagrad's sum
+        # amsgrad's maximum of the second moment, centered RMSprop's gradient average: made when a
+        # slot first needs them (a third copy of every parameter).
+        self.x: list[torch.Tensor] | None = None
         self.steps = [_step_counter(s["name"], params[0].device) for s in self.raw]
+        self.started = [False] * len(specs)  # whether the slot has stepped: SGD's first step copies the gradient
         self._views()
+        if any(_needs_x(s) for s in self.specs):
+            self._make_x()
         for k, spec in enumerate(self.raw):
             self._initial_sum(k, spec)
 
@@ -50,6 +57,11 @@ class StackedOptimizer:
         self.slot_params = list(zip(*(p.unbind(0) for p in self.params)))
         self.slot_m = list(zip(*(m.unbind(0) for m in self.m)))
         self.slot_v = list(zip(*(v.unbind(0) for v in self.v)))
+        self.slot_x = list(zip(*(x.unbind(0) for x in self.x))) if self.x is not None else None
+
+    def _make_x(self) -> None:
+        self.x = [torch.zeros_like(p) for p in self.params]
+        self._views()
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -68,26 +80,28 @@ class StackedOptimizer:
             pick = (lambda views: list(views)) if every else (lambda views: [views[i] for i in live])  # noqa: E731
             params, grads, m = pick(self.slot_params[k]), list(slot_grads[k]), pick(self.slot_m[k])
             skip = found_inf[k] if found_inf is not None else None
+            first, self.started[k] = not self.started[k], True
             if kind == "sgd":
-                # Zero-initialized buffers: the first update gives buf = grad, as torch's clone does.
-                torch._fused_sgd_(params, grads, m if options["momentum"] else [], is_first_step=False,
-                                  maximize=False, dampening=0.0, found_inf=skip, **options)
+                # The first update sets buf = grad, as torch's clone does (then dampening applies).
+                torch._fused_sgd_(params, grads, m if options["momentum"] else [], is_first_step=first,
+                                  maximize=False, found_inf=skip, **options)
                 continue
             if kind in ("rmsprop", "adagrad"):
                 # torch.optim's own functional update (foreach: one pass per op over the slot's
                 # tensors), which adds 1 to each step tensor it is given: copies, and one count kept here.
                 steps = [self.steps[k].clone() for _ in live]
                 if kind == "rmsprop":
-                    rmsprop(params, grads, pick(self.slot_v[k]), [], m if options["momentum"] else [], steps,
-                            foreach=True, centered=False, **options)
+                    averages = pick(self.slot_x[k]) if options["centered"] else []
+                    rmsprop(params, grads, pick(self.slot_v[k]), averages, m if options["momentum"] else [], steps,
+                            foreach=True, **options)
                 else:
                     adagrad(params, grads, pick(self.slot_v[k]), steps, foreach=True, maximize=False, **options)
                 self.steps[k] += 1
                 continue
             self.steps[k] += 1
             fused = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
-            fused(params, grads, m, pick(self.slot_v[k]), [], [self.steps[k]] * len(live),
-                  amsgrad=False, maximize=False, found_inf=skip, **options)
+            fused(params, grads, m, pick(self.slot_v[k]), pick(self.slot_x[k]) if options["amsgrad"] else [],
+                  [self.steps[k]] * len(live), maximize=False, found_inf=skip, **options)
             if skip is not None:
                 self.steps[k] -= skip  # a skipped step does not count, as in torch.optim's fused Adam
 
@@ -100,12 +114,17 @@ class StackedOptimizer:
         if self.groups[index] is not None:  # a schedule's current values, and its initial_lr
             optimizer.param_groups[0].update({k: v for k, v in self.groups[index].items() if k != "params"})
         momentum = optimizer.param_groups[0].get("momentum")
+        options = self.specs[index][1]
         for i, p in enumerate(placeholders):
             step, m, v = self.steps[index], self.m[i][index], self.v[i][index]
             if kind in ("adam", "adamw"):
                 optimizer.state[p] = {"step": step, "exp_avg": m, "exp_avg_sq": v}
+                if options["amsgrad"]:
+                    optimizer.state[p]["max_exp_avg_sq"] = self.x[i][index]
             elif kind == "rmsprop":
                 optimizer.state[p] = {"step": step, "square_avg": v, **({"momentum_buffer": m} if momentum else {})}
+                if options["centered"]:
+                    optimizer.state[p]["grad_avg"] = self.x[i][index]
             elif kind == "adagrad":
                 optimizer.state[p] = {"step": step, "sum": v}
             elif momentum:
@@ -115,12 +134,14 @@ class StackedOptimizer:
     def reset_slot(self, index: int, spec: Mapping[str, Any]) -> None:
         """Fresh state and hyperparameters for slot `index` (a refill)."""
         with torch.no_grad():
-            for m, v in zip(self.m, self.v):
-                m[index].zero_()
-                v[index].zero_()
+            for state in (*self.m, *self.v, *(self.x or [])):
+                state[index].zero_()
         self.steps[index] = _step_counter(spec["name"], self.params[0].device)
+        self.started[index] = False
         self.raw[index] = dict(spec)
         self.specs[index] = _fused_options(spec)
+        if self.x is None and _needs_x(self.specs[index]):
+            self._make_x()
         self._initial_sum(index, spec)
         self.groups[index] = None
 
@@ -130,7 +151,9 @@ class StackedOptimizer:
         self.params = params
         self.m = [m.index_select(0, index) for m in self.m]
         self.v = [v.index_select(0, index) for v in self.v]
+        self.x = [x.index_select(0, index) for x in self.x] if self.x is not None else None
         self.steps = [self.steps[i] for i in indices]
+        self.started = [self.started[i] for i in indices]
         self.raw = [self.raw[i] for i in indices]
         self.specs = [self.specs[i] for i in indices]
         self.groups = [self.groups[i] for i in indices]
@@ -166,17 +189,23 @@ def _fused_options(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     decay = float(spec.get("weight_decay", 0.0))
     if name == "rmsprop":
         return name, {"lr": lr, "alpha": float(spec.get("alpha", 0.99)), "eps": float(spec.get("eps", 1e-8)),
-                      "weight_decay": decay, "momentum": float(spec.get("momentum", 0.0))}
+                      "weight_decay": decay, "momentum": float(spec.get("momentum", 0.0)),
+                      "centered": bool(spec.get("centered", False))}
     if name == "adagrad":
         return name, {"lr": lr, "lr_decay": float(spec.get("lr_decay", 0.0)), "weight_decay": decay,
                       "eps": float(spec.get("eps", 1e-10))}
     if name == "sgd":
         return name, {"lr": lr, "weight_decay": decay, "momentum": float(spec.get("momentum", 0.0)),
-                      "nesterov": bool(spec.get("nesterov", False))}
+                      "nesterov": bool(spec.get("nesterov", False)), "dampening": float(spec.get("dampening", 0.0))}
     beta1, beta2 = spec.get("betas", (spec.get("beta1", 0.9), spec.get("beta2", 0.999)))
     beta1, beta2 = float(spec.get("beta1", beta1)), float(spec.get("beta2", beta2))
     decay = float(spec.get("weight_decay", 1e-2 if name == "adamw" else 0.0))  # torch's defaults
-    return name, {"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": decay, "eps": float(spec.get("eps", 1e-8))}
+    return name, {"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": decay, "eps": float(spec.get("eps", 1e-8)),
+                  "amsgrad": bool(spec.get("amsgrad", False))}
+
+
+def _needs_x(spec: tuple[str, dict[str, Any]]) -> bool:
+    return bool(spec[1].get("amsgrad") or spec[1].get("centered"))
 
 
 def per_slot(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

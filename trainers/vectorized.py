@@ -58,8 +58,8 @@ STACKED_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 # Options each stacked optimizer takes per slot (torch.optim's names; beta1/beta2 as in build_optimizer).
 OPTIMIZER_OPTIONS = {
     "sgd": {"lr", "weight_decay", "momentum", "nesterov", "dampening"},
-    "adam": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps"},
-    "adamw": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps"},
+    "adam": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps", "amsgrad"},
+    "adamw": {"lr", "weight_decay", "beta1", "beta2", "betas", "eps", "amsgrad"},
     "rmsprop": {"lr", "weight_decay", "alpha", "eps", "momentum", "centered"},
     "adagrad": {"lr", "weight_decay", "lr_decay", "eps", "initial_accumulator_value"},
 }
@@ -129,10 +129,6 @@ def check_hparams(hparams: Mapping[str, Any], config: TrainerConfig) -> dict[str
     unknown = sorted(set(spec) - {"name"} - OPTIMIZER_OPTIONS[name] - IMPLEMENTATION_OPTIONS)
     if unknown:
         raise NotVectorizable(f"optimizer {name} option {', '.join(unknown)} is not stacked yet")
-    if name == "sgd" and spec.get("dampening", 0) != 0:
-        raise NotVectorizable("SGD dampening is not stacked yet")
-    if name == "rmsprop" and spec.get("centered"):
-        raise NotVectorizable("centered RMSprop is not stacked yet")
     if name in ("rmsprop", "adagrad") and str(config.precision) == "fp16-mixed":
         # Their stacked updates have no kernel that skips an overflowing slot on the device.
         raise NotVectorizable(f"{name} with precision fp16-mixed is not stacked yet")
