@@ -128,7 +128,7 @@ def test_a_refill_with_amsgrad_gets_its_state_made_and_follows_torch_optim() -> 
     init = [torch.randn(2, 5, 3, generator=g), torch.randn(2, 3, generator=g)]
     stacked = [t.clone().requires_grad_(True) for t in init]
     opt = StackedOptimizer(stacked, [{"name": "adam", "lr": 1e-2}, {"name": "sgd", "lr": 0.1}])
-    assert opt.x is None  # no slot needs the third copy yet
+    assert opt.aux is None  # no slot needs the third copy yet
     spec = {"name": "adam", "lr": 1e-2, "amsgrad": True}
     opt.reset_slot(1, spec)
     solo = [t[1].clone().requires_grad_(True) for t in init]

@@ -38,12 +38,12 @@ class StackedOptimizer:
         self.v = [torch.zeros_like(p) for p in params]  # Adam's second moment, RMSprop's square average, Adagrad's sum
         # amsgrad's maximum of the second moment, centered RMSprop's gradient average: made when a
         # slot first needs them (a third copy of every parameter).
-        self.x: list[torch.Tensor] | None = None
+        self.aux: list[torch.Tensor] | None = None
         self.steps = [_step_counter(s["name"], params[0].device) for s in self.raw]
         self.started = [False] * len(specs)  # whether the slot has stepped: SGD's first step copies the gradient
         self._views()
-        if any(_needs_x(s) for s in self.specs):
-            self._make_x()
+        if any(_needs_aux(s) for s in self.specs):
+            self._make_aux()
         for k, spec in enumerate(self.raw):
             self._initial_sum(k, spec)
 
@@ -57,10 +57,10 @@ class StackedOptimizer:
         self.slot_params = list(zip(*(p.unbind(0) for p in self.params)))
         self.slot_m = list(zip(*(m.unbind(0) for m in self.m)))
         self.slot_v = list(zip(*(v.unbind(0) for v in self.v)))
-        self.slot_x = list(zip(*(x.unbind(0) for x in self.x))) if self.x is not None else None
+        self.slot_aux = list(zip(*(x.unbind(0) for x in self.aux))) if self.aux is not None else None
 
-    def _make_x(self) -> None:
-        self.x = [torch.zeros_like(p) for p in self.params]
+    def _make_aux(self) -> None:
+        self.aux = [torch.zeros_like(p) for p in self.params]
         self._views()
 
     def zero_grad(self) -> None:
@@ -91,7 +91,7 @@ class StackedOptimizer:
                 # tensors), which adds 1 to each step tensor it is given: copies, and one count kept here.
                 steps = [self.steps[k].clone() for _ in live]
                 if kind == "rmsprop":
-                    averages = pick(self.slot_x[k]) if options["centered"] else []
+                    averages = pick(self.slot_aux[k]) if options["centered"] else []
                     rmsprop(params, grads, pick(self.slot_v[k]), averages, m if options["momentum"] else [], steps,
                             foreach=True, **options)
                 else:
@@ -100,7 +100,7 @@ class StackedOptimizer:
                 continue
             self.steps[k] += 1
             fused = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
-            fused(params, grads, m, pick(self.slot_v[k]), pick(self.slot_x[k]) if options["amsgrad"] else [],
+            fused(params, grads, m, pick(self.slot_v[k]), pick(self.slot_aux[k]) if options["amsgrad"] else [],
                   [self.steps[k]] * len(live), maximize=False, found_inf=skip, **options)
             if skip is not None:
                 self.steps[k] -= skip  # a skipped step does not count, as in torch.optim's fused Adam
@@ -120,11 +120,11 @@ class StackedOptimizer:
             if kind in ("adam", "adamw"):
                 optimizer.state[p] = {"step": step, "exp_avg": m, "exp_avg_sq": v}
                 if options["amsgrad"]:
-                    optimizer.state[p]["max_exp_avg_sq"] = self.x[i][index]
+                    optimizer.state[p]["max_exp_avg_sq"] = self.aux[i][index]
             elif kind == "rmsprop":
                 optimizer.state[p] = {"step": step, "square_avg": v, **({"momentum_buffer": m} if momentum else {})}
                 if options["centered"]:
-                    optimizer.state[p]["grad_avg"] = self.x[i][index]
+                    optimizer.state[p]["grad_avg"] = self.aux[i][index]
             elif kind == "adagrad":
                 optimizer.state[p] = {"step": step, "sum": v}
             elif momentum:
@@ -134,14 +134,14 @@ class StackedOptimizer:
     def reset_slot(self, index: int, spec: Mapping[str, Any]) -> None:
         """Fresh state and hyperparameters for slot `index` (a refill)."""
         with torch.no_grad():
-            for state in (*self.m, *self.v, *(self.x or [])):
+            for state in (*self.m, *self.v, *(self.aux or [])):
                 state[index].zero_()
         self.steps[index] = _step_counter(spec["name"], self.params[0].device)
         self.started[index] = False
         self.raw[index] = dict(spec)
         self.specs[index] = _fused_options(spec)
-        if self.x is None and _needs_x(self.specs[index]):
-            self._make_x()
+        if self.aux is None and _needs_aux(self.specs[index]):
+            self._make_aux()
         self._initial_sum(index, spec)
         self.groups[index] = None
 
@@ -151,7 +151,7 @@ class StackedOptimizer:
         self.params = params
         self.m = [m.index_select(0, index) for m in self.m]
         self.v = [v.index_select(0, index) for v in self.v]
-        self.x = [x.index_select(0, index) for x in self.x] if self.x is not None else None
+        self.aux = [x.index_select(0, index) for x in self.aux] if self.aux is not None else None
         self.steps = [self.steps[i] for i in indices]
         self.started = [self.started[i] for i in indices]
         self.raw = [self.raw[i] for i in indices]
@@ -204,7 +204,7 @@ def _fused_options(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
                   "amsgrad": bool(spec.get("amsgrad", False))}
 
 
-def _needs_x(spec: tuple[str, dict[str, Any]]) -> bool:
+def _needs_aux(spec: tuple[str, dict[str, Any]]) -> bool:
     return bool(spec[1].get("amsgrad") or spec[1].get("centered"))
 
 

@@ -6,7 +6,8 @@ that overhead is paid once for K slots here. The parameters of the K models are 
 new leading dimension (`torch.func.stack_module_state`); a plain `nn.Sequential` of linear
 layers, element-wise activations and dropout runs as batched matrix products, anything else
 through `torch.func.vmap` over `functional_call`. The loss is the *sum* of the slots' mean
-losses, so each slot's gradient is exactly its own model's gradient.
+losses, so each slot's gradient is exactly its own model's gradient; on the batched-matmul path
+its backward is written out (`trainers.stacked_backward`) rather than recorded by autograd.
 
 Per slot, as `fit` does for one run: the optimizer (`trainers.stacked_optim`: SGD, Adam, AdamW by torch's fused kernels,
 RMSprop and Adagrad by torch.optim's functional updates, each on the slot's views of the stacked
