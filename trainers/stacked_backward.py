@@ -60,7 +60,9 @@ def loss_and_grads(
             if type(layer) is nn.Linear:
                 weight_, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
                 if dtype is not None:
-                    weight_, bias, h = _cast(weight_, dtype), _cast(bias, dtype), _cast(h, dtype)
+                    weight_, bias = _cast(weight_, dtype), _cast(bias, dtype)
+                    # The shared batch, expanded to K slots without copies, is cast once, not K times.
+                    h = _cast(h[0], dtype).expand_as(h) if h.stride(0) == 0 else _cast(h, dtype)
                 out = torch.bmm(h, weight_.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight_.transpose(1, 2))
                 tape.append(("linear", given.dtype, out.dtype, name, h, weight_, wanted))
                 wanted = True
