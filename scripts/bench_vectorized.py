@@ -16,7 +16,7 @@ time until a target accuracy was first reached, and the mean group size.
 
 What stacking gains per architecture of the shipped space (one model alone against K copies):
 
-    python scripts/bench_vectorized.py --architectures
+    python scripts/bench_vectorized.py --architectures [--widths 2 4 8] [--device cuda --precision bf16-mixed]
 
 On a GPU, the digits MLP and the small conv net of search_spaces/digits_conv.yaml, in bf16:
 
@@ -174,13 +174,15 @@ def main() -> None:
                         help="study.ask_ahead: true on both sides (the default with Redis or a database; off on the journal file)")
     parser.add_argument("--architectures", action="store_true",
                         help="instead: per architecture of the shipped space, a model alone against K copies stacked")
+    parser.add_argument("--widths", type=int, nargs="+", default=[2, 4, 8],
+                        help="with --architectures: the K to stack (the last one also through autograd)")
     args = parser.parse_args()
     SETTINGS.update(lookahead=args.lookahead, device=args.device, precision=args.precision, ask_ahead=args.ask_ahead)
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.architectures:
         warm_up("mlp")
-        architectures()
+        architectures(widths=tuple(args.widths))
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
