@@ -45,8 +45,6 @@ def loss_and_grads(
     slot's loss scale ([K]). `dtype`: the autocast dtype (bf16, fp16), or None in full precision.
     As autocast does, the linear layers then compute in `dtype` (their inputs, weights and biases
     cast each step), the element-wise layers in their input's dtype, the loss in float32."""
-    from trainers.vectorized import _SlotDropout  # the stacked model's own module; imported late (cycle)
-
     params = model.params
     h = x.expand(model.size, *x.shape) if shared else x
     # Per layer that needs its backward: (kind, the dtype of its input, of its output, what its
@@ -66,11 +64,10 @@ def loss_and_grads(
                 out = torch.bmm(h, weight_.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight_.transpose(1, 2))
                 tape.append(("linear", given.dtype, out.dtype, name, h, weight_, wanted))
                 wanted = True
-            elif type(layer) is _SlotDropout:
+            elif name in model.dropouts:
                 if not (model.training and layer.active):
                     continue
-                mask = model.keep_mask(name, h)
-                out = _as(h * mask, h.dtype)
+                out, mask = model.dropout(name, h)
                 if wanted:
                     tape.append(("mask", given.dtype, out.dtype, mask))
             elif not wanted:
@@ -80,9 +77,9 @@ def loss_and_grads(
                 tape.append(("activation", given.dtype, out.dtype, model._kinds[name], h, out))
             else:  # an element-wise module without a formula here: autograd over this op alone
                 with torch.enable_grad():
-                    given = h.detach().requires_grad_(True)
-                    out = model._activate(name, given)
-                tape.append(("autograd", given.dtype, out.dtype, given, out))
+                    leaf = h.detach().requires_grad_(True)
+                    out = model._activate(name, leaf)
+                tape.append(("autograd", given.dtype, out.dtype, leaf, out))
                 out = out.detach()
             h = out
     losses, g = _loss_and_gradient(h, y, shared, kind, smoothing, weight)
@@ -109,9 +106,9 @@ def loss_and_grads(
                 grad = torch.where(mask, DERIVATIVES[type(module)](g, module, given, out), grad)
             g = grad
         else:
-            given, out = saved
+            leaf, out = saved
             with torch.enable_grad():
-                (g,) = torch.autograd.grad(out, given, g)
+                (g,) = torch.autograd.grad(out, leaf, g)
         if cast:
             g = _as(g, before)
     return losses
@@ -179,8 +176,7 @@ def _loss_and_gradient(
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    if grad.dtype != param.dtype:  # computed in the autocast dtype: the cast's backward, as autograd's
-        grad = grad.to(param.dtype)
+    grad = _as(grad, param.dtype)  # computed in the autocast dtype: the cast's backward, as autograd's
     if param.grad is None:
         param.grad = grad
     else:

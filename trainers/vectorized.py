@@ -284,13 +284,18 @@ class StackedModel:
                 h = torch.bmm(h, weight.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
             elif type(layer) is _SlotDropout:
                 if self.training and layer.active:
-                    mask = self.keep_mask(name, h)
-                    h = h * mask if mask.dtype == h.dtype else (h * mask).to(h.dtype)
+                    h, _ = self.dropout(name, h)
             else:
                 h = self._activate(name, h)
         return h
 
     __call__ = forward
+
+    def dropout(self, name: str, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batched path's dropout at `name` in training: `h` masked, in its dtype, and the mask."""
+        mask = self.keep_mask(name, h)
+        out = h * mask
+        return (out if out.dtype == h.dtype else out.to(h.dtype)), mask
 
     def keep_mask(self, name: str, h: torch.Tensor) -> torch.Tensor:
         """The batched path's dropout mask at `name` for `h` [K, ...]: slot k keeps each unit with
