@@ -243,6 +243,40 @@ class FastRDBStorage(RDBStorage):
         self._write_unfinished(_new_param(self._dialect), row)
         self._distributions.setdefault((study_id, param_name), distribution)
 
+    def set_trial_params(self, trial_id: int, params: Sequence[tuple[str, float, distributions.BaseDistribution,
+                                                                     distributions.BaseDistribution | None]]) -> None:
+        """A trial's parameters (name, internal value, distribution, the study's distribution for
+        the name where the caller knows it), as `_set_trial_param` writes them one by one: here one
+        statement for them all, where the trial is one this process made or read."""
+        study_id = self._study_of.get(trial_id)
+        if study_id is None or len(params) < 2:
+            for param in params:
+                self._set_trial_param(trial_id, *param)
+            return
+        try:
+            for name, _, distribution, previous in params:
+                self._check_distribution(None, study_id, name, distribution, previous, record=False)
+        except ValueError:
+            with self._transaction(single=True) as conn:
+                self._check_updatable(conn, trial_id)
+            raise
+        for start in range(0, len(params), _PARAMS_PER_STATEMENT):
+            chunk = params[start : start + _PARAMS_PER_STATEMENT]
+            row: dict[str, Any] = {"trial_id": trial_id}
+            for i, (name, value, distribution, _) in enumerate(chunk):
+                row.update({f"name{i}": name, f"value{i}": value, f"json{i}": distributions.distribution_to_json(distribution)})
+            try:
+                with self._transaction(single=True) as conn:
+                    if conn.execute(_new_params(len(chunk)), row, execution_options=_ROWCOUNT).rowcount == 0:
+                        self._check_updatable(conn, trial_id)
+            except sqlalchemy.exc.IntegrityError:
+                # One of them was there already (the statement inserts all or none): one by one,
+                # each duplicate ignored as Optuna ignores it.
+                for param in chunk:
+                    self._set_trial_param(trial_id, *param)
+            for name, _, distribution, _ in chunk:
+                self._distributions.setdefault((study_id, name), distribution)
+
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         if state.is_finished():
             return self._finish(trial_id, state, values)
@@ -430,6 +464,27 @@ def _new_param(dialect: str) -> sqlalchemy.Executable:
     """A parameter's row, written only while its trial is unfinished (a duplicate fails)."""
     columns = ["trial_id", "param_name", "param_value", "distribution_json"]
     return _PARAMS.insert().from_select(columns, _row_of_unfinished(_PARAMS, columns))
+
+
+# A statement's bound values stay well under SQLite's oldest limit (999).
+_PARAMS_PER_STATEMENT = 100
+
+
+@functools.cache
+def _new_params(n: int) -> sqlalchemy.Executable:
+    """`n` parameters' rows ("name0", "value0", "json0", ...) of the trial "trial_id", written only
+    while it is unfinished; all or none (a duplicate fails the statement)."""
+    def column(name: str, i: int) -> Any:
+        return sqlalchemy.bindparam(f"{name}{i}", type_=_PARAMS.c[_PARAM_COLUMNS[name]].type).label(_PARAM_COLUMNS[name])
+
+    given = sqlalchemy.union_all(*(sqlalchemy.select(*(column(name, i) for name in _PARAM_COLUMNS)) for i in range(n)))
+    rows = given.subquery("given")
+    select = sqlalchemy.select(_TRIALS.c.trial_id, *rows.c).select_from(_TRIALS.join(rows, sqlalchemy.true())).where(
+        _TRIALS.c.trial_id == sqlalchemy.bindparam("trial_id"), _TRIALS.c.state.in_(_UNFINISHED))
+    return _PARAMS.insert().from_select(["trial_id", *_PARAM_COLUMNS.values()], select)
+
+
+_PARAM_COLUMNS = {"name": "param_name", "value": "param_value", "json": "distribution_json"}
 
 
 @functools.cache

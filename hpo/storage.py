@@ -32,10 +32,11 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.redis_journal import RedisJournalBackend
@@ -283,6 +284,79 @@ def _secrets(url: str) -> set[str]:
     return {form for secret in found if secret for form in (secret, unquote(secret))}
 
 
+Param = tuple[str, float, BaseDistribution]  # name, internal value, distribution: `set_trial_param`'s
+
+
+def set_trial_params(storage: BaseStorage, trial_id: int, params: Sequence[Param]) -> None:
+    """A trial's parameters, as `set_trial_param` writes them one by one, in one write: on a journal
+    (a file or Redis) one append (one file lock, one Redis call), on a database one statement.
+    Raises what `set_trial_param` raises for the first one that fails."""
+    if not params:
+        return
+    if isinstance(storage, _RecentReads):
+        storage.set_trial_params(trial_id, params)
+        return
+    if not isinstance(storage, JournalStorage):
+        for param in params:
+            storage.set_trial_param(trial_id, *param)
+        return
+    replay = storage._replay_result
+    logs = [{"op_code": JournalOperation.SET_TRIAL_PARAM, "worker_id": replay.worker_id, "trial_id": trial_id,
+             "param_name": name, "param_value_internal": value, "distribution": distribution_to_json(distribution)}
+            for name, value, distribution in params]
+    with storage._thread_lock:
+        storage._backend.append_logs(logs)
+        try:
+            storage._sync_with_backend()
+        except Exception:
+            # Optuna's replay raised for the first of these that failed (the trial finished
+            # meanwhile, a distribution that clashes with an earlier trial's) and stopped there.
+            # The rest are replayed as another worker's writes are, skipped where they fail, so
+            # that no later read of this storage raises for them.
+            prefix, replay._worker_id_prefix = replay._worker_id_prefix, "another worker's "  # the worker id's stem
+            try:
+                storage._sync_with_backend()
+            finally:
+                replay._worker_id_prefix = prefix
+            raise
+
+
+@contextlib.contextmanager
+def params_in_one_write(trial: optuna.Trial) -> Iterator[None]:
+    """Within the block, the parameters `trial` draws are held and written together at its end
+    (`set_trial_params`); also after an error, as each would have been written as drawn. A write
+    that fails leaves them undrawn on the trial, so that a retry (`hpo.outage.persist`) draws and
+    writes them again rather than taking them for stored."""
+    storage = trial.storage
+    held = _HeldParams(storage)
+    trial.storage = held  # what `Trial._suggest` writes through
+    try:
+        yield
+    finally:
+        trial.storage = storage
+        try:
+            set_trial_params(storage, trial._trial_id, held.params)
+        except BaseException:
+            for name, _, _ in held.params:
+                trial._cached_frozen_trial.params.pop(name, None)
+                trial._cached_frozen_trial.distributions.pop(name, None)
+            raise
+
+
+class _HeldParams:
+    """A trial's storage that holds its `set_trial_param` calls and passes every other call on."""
+
+    def __init__(self, storage: BaseStorage) -> None:
+        self._storage = storage
+        self.params: list[Param] = []
+
+    def set_trial_param(self, trial_id: int, name: str, value: float, distribution: BaseDistribution) -> None:
+        self.params.append((name, value, distribution))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
 def scrub(text: str) -> str:
     """Removes every password seen in a storage URL from `text`."""
     for secret in _SECRETS:
@@ -422,6 +496,18 @@ class _RecentReads(_CachedStorage):
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: BaseDistribution) -> None:
         self._then_refresh(super().set_trial_param, trial_id, param_name, param_value_internal, distribution)
+
+    def set_trial_params(self, trial_id: int, params: Sequence[Param]) -> None:
+        """`set_trial_param` for each of `params`, in one statement (`FastRDBStorage.set_trial_params`)."""
+        with self._lock:  # as Optuna's cache writes one: with the distributions it knows for the study
+            study_id, _ = self._trial_id_to_study_id_and_number[trial_id]
+            known = self._studies[study_id].param_distribution
+            try:
+                self._backend.set_trial_params(trial_id, [(*param, known.get(param[0])) for param in params])
+            finally:
+                self.refresh()
+            for name, _, distribution in params:
+                known.setdefault(name, distribution)
 
     def _then_refresh(self, write: Callable[..., Any], *args: Any) -> Any:
         try:

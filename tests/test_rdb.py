@@ -98,6 +98,39 @@ def test_the_fast_path_writes_and_reads_what_optunas_orm_does(db_url: str) -> No
         assert [t._trial_id for t in again] == [ids[0], *ids[4:]]
 
 
+def test_a_trials_params_go_in_one_statement_as_optunas_rows_with_optunas_errors(db_url: str) -> None:
+    orm, fast = RDBStorage(db_url), FastRDBStorage(db_url)
+    study_id = fast.create_new_study([optuna.study.StudyDirection.MINIMIZE], f"params-{uuid.uuid4().hex[:6]}")
+    x, n, opt = FloatDistribution(-1, 1), IntDistribution(1, 8, log=True), CategoricalDistribution(["adam", "sgd"])
+    trial = fast.create_new_trial(study_id)
+    statements: list[str] = []
+    sqlalchemy.event.listen(fast.engine, "before_cursor_execute", lambda conn, cursor, sql, *rest: statements.append(sql))
+    fast.set_trial_params(trial, [("x", 1 / 3, x, None), ("n", 3, n, None), ("opt", 1, opt, None)])
+    # One write (before it, one read of the study's distribution for each name new to the process).
+    assert [sql.split()[0] for sql in statements] == ["SELECT"] * 3 + ["INSERT"]
+    written = orm.get_trial(trial)
+    assert (written.params, written.distributions) == ({"x": 1 / 3, "n": 3, "opt": "sgd"}, {"x": x, "n": n, "opt": opt})
+    # One of them there already: the others written, the duplicate ignored, as Optuna ignores it.
+    second = fast.create_new_trial(study_id)
+    fast.set_trial_param(second, "x", 0.5, x)
+    fast.set_trial_params(second, [("x", 0.25, x, None), ("n", 2, n, None)])
+    assert orm.get_trial(second).params == {"x": 0.5, "n": 2}
+    # A distribution that clashes with the study's: Optuna's error, and none of them written.
+    with pytest.raises(ValueError, match="different distribution kind"):
+        fast.set_trial_params(second, [("y", 0.5, FloatDistribution(0, 1), None), ("opt", 0.5, x, None)])
+    assert orm.get_trial(second).params == {"x": 0.5, "n": 2}
+    # Another process's storage, which has not seen the trial: the same rows.
+    third = fast.create_new_trial(study_id)
+    FastRDBStorage(db_url).set_trial_params(third, [("x", -0.5, x, None), ("n", 8, n, None)])
+    assert orm.get_trial(third).params == {"x": -0.5, "n": 8}
+    # A finished trial: Optuna's error, whatever the distributions.
+    assert fast.set_trial_state_values(third, TrialState.COMPLETE, [1.0])
+    for params in ([("y", 0.5, x, None), ("z", 0.5, x, None)], [("y", 0.5, x, None), ("opt", 0.5, x, None)]):
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+            fast.set_trial_params(third, params)
+    assert orm.get_trial(third).params == {"x": -0.5, "n": 8}
+
+
 def test_the_fast_path_raises_what_optuna_raises(db_url: str) -> None:
     fast = FastRDBStorage(db_url)
     study_id = fast.create_new_study([optuna.study.StudyDirection.MINIMIZE], f"err-{uuid.uuid4().hex[:6]}")

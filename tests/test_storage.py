@@ -217,3 +217,117 @@ def test_password_absent_from_a_whole_study_run_on_postgres(postgres_url: str, t
         outputs.append(result.stdout + result.stderr)
     assert SECRET not in "".join(outputs)
     assert "***" in outputs[0]
+
+
+# A trial's parameters: sampled with a fresh read of the study, written in one go -----------------
+
+SPACE = {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}, "layers": {"type": "int", "low": 1, "high": 3},
+         "optimizer": {"type": "categorical", "choices": {"adam": {"beta1": {"type": "float", "low": 0.8, "high": 0.99}},
+                                                          "sgd": {"momentum": {"type": "float", "low": 0.5, "high": 0.99}}}}}
+
+
+def _space():
+    from hpo import space
+
+    return space.parse(SPACE, ("space",), lambda path, message: pytest.fail(f"{path}: {message}"))
+
+
+def _url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return str(tmp_path / "s.journal") if kind == "journal" else request.getfixturevalue(f"{kind}_url")
+
+
+@pytest.mark.parametrize("kind", ["journal", "redis", "postgres", "mysql"])
+def test_trials_sampled_one_after_another_see_the_params_of_those_before(kind: str, request, tmp_path: Path) -> None:
+    """Population mode asks for several trials, then samples them one by one: with constant liar
+    each must see the ones before it with their parameters. Optuna's per-thread cache of the
+    trial list, read for the first, once served the later ones too (on a database: without them)."""
+    from hpo import space
+
+    storage = open_storage(_url(kind, request, tmp_path))
+    sampler = optuna.samplers.TPESampler(n_startup_trials=2, multivariate=True, constant_liar=True, seed=0)
+    study = optuna.create_study(storage=storage, study_name=f"liar-{tmp_path.name}", sampler=sampler, direction="maximize")
+    tree = _space()
+    for i in range(6):
+        trial = study.ask()
+        space.suggest(trial, tree)
+        study.tell(trial, i / 10)
+    seen: dict[int, dict[int, int]] = {}
+    sample_relative = sampler.sample_relative
+
+    def spy(study_, trial, search_space):
+        # What TPE itself reads (`use_cache=True`): the running trials and how many params each has.
+        running = study_._get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,), use_cache=True)
+        seen[trial.number] = {t.number: len(t.params) for t in running if t.number != trial.number}
+        return sample_relative(study_, trial, search_space)
+
+    sampler.sample_relative = spy
+    trials = [study.ask() for _ in range(3)]
+    drawn = [len(space.suggest(t, tree)) and len(t.params) for t in trials]
+    assert seen == {6: {7: 0, 8: 0}, 7: {6: drawn[0], 8: 0}, 8: {6: drawn[0], 7: drawn[1]}}
+
+
+@pytest.mark.parametrize("kind", ["journal", "redis"])
+def test_a_trials_params_reach_a_journal_in_one_append(kind: str, request, tmp_path: Path, monkeypatch) -> None:
+    from hpo import space
+
+    url = _url(kind, request, tmp_path)
+    storage = open_storage(url)
+    study = optuna.create_study(storage=storage, study_name=f"one-append-{tmp_path.name}",
+                                sampler=optuna.samplers.RandomSampler(seed=1))
+    trial = study.ask()
+    appends: list[int] = []
+    append_logs = storage._backend.append_logs
+    monkeypatch.setattr(storage._backend, "append_logs", lambda logs: (appends.append(len(logs)), append_logs(logs))[1])
+    params = space.suggest(trial, _space())
+    assert appends == [4]  # lr, layers, optimizer and the chosen optimizer's own parameter
+    assert space.suggest(trial, _space()) == params and appends == [4]  # asked again: nothing written
+    # Another process's view: the values as drawn.
+    other = optuna.load_study(study_name=study.study_name, storage=open_storage(url))
+    assert space.unflatten(_space(), other.trials[0].params) == params
+    assert other.trials[0].distributions == trial.distributions
+
+
+@pytest.mark.parametrize("kind", ["journal", "redis"])
+def test_params_of_a_trial_finished_meanwhile_fail_and_leave_the_journal_readable(kind: str, request,
+                                                                                tmp_path: Path) -> None:
+    """A sweeper may fail a trial while its worker samples it: the write raises what Optuna's
+    raises, and none of the parameters held back behind the first one raises on a later read."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    from hpo.storage import set_trial_params
+
+    url = _url(kind, request, tmp_path)
+    mine = open_storage(url)
+    study = optuna.create_study(storage=mine, study_name=f"finished-{tmp_path.name}")
+    trial = study.ask()
+    open_storage(url).set_trial_state_values(trial._trial_id, TrialState.FAIL)  # another worker
+    params = [(name, 0.5, optuna.distributions.FloatDistribution(0, 1)) for name in ("a", "b", "c")]
+    with pytest.raises(UpdateFinishedTrialError):
+        set_trial_params(mine, trial._trial_id, params)
+    assert [(t.state, t.params) for t in study.get_trials()] == [(TrialState.FAIL, {})]
+    study.tell(study.ask(), 1.0)  # the storage goes on working
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_params_whose_write_failed_are_drawn_and_written_again_by_the_retry(tmp_path: Path, monkeypatch) -> None:
+    from functools import partial
+
+    from hpo import space
+    from hpo.outage import persist
+
+    storage = open_storage(str(tmp_path / "s.journal"))
+    study = optuna.create_study(storage=storage, study_name="retry", sampler=optuna.samplers.RandomSampler(seed=1))
+    trial = study.ask()
+    append_logs, failures = storage._backend.append_logs, [ConnectionError("the disk went away")]
+
+    def flaky(logs):
+        if failures:
+            raise failures.pop()
+        return append_logs(logs)
+
+    monkeypatch.setattr(storage._backend, "append_logs", flaky)
+    params = persist(partial(space.suggest, trial, _space()), "sampling a trial", patience=30)
+    assert not failures
+    stored = optuna.load_study(study_name="retry", storage=open_storage(str(tmp_path / "s.journal"))).trials[0]
+    assert space.unflatten(_space(), stored.params) == params and len(stored.params) == 4
