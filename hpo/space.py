@@ -75,10 +75,11 @@ def parse(raw: Any, path: tuple, report: Report) -> Group:
 def suggest(trial: optuna.Trial, space: Group) -> dict[str, Any]:
     """Asks `trial` for every parameter active under its own choices; returns the nested dict.
 
-    The sampler reads the study afresh, as for a trial that `study.ask` made: trials asked together
-    and sampled one after another (population mode) each see the parameters of those before them
-    (what constant liar and the grid sampler need). The values drawn reach the storage in one
-    write (`storage.params_in_one_write`)."""
+    The sampler's per-thread copy of the study's trials is read afresh, as for a trial that
+    `study.ask` made: trials asked together and sampled one after another (population mode) each
+    see the parameters of those before them (QMC, for one, infers its search space from the
+    running trials there). The values drawn reach the storage in one write
+    (`storage.params_in_one_write`)."""
     trial.study._thread_local.cached_all_trials = None
     with params_in_one_write(trial):
         return _resolve(space, lambda name, d: _suggest_param(trial, name, d))

@@ -301,10 +301,11 @@ def set_trial_params(storage: BaseStorage, trial_id: int, params: Sequence[Param
             storage.set_trial_param(trial_id, *param)
         return
     replay = storage._replay_result
-    logs = [{"op_code": JournalOperation.SET_TRIAL_PARAM, "worker_id": replay.worker_id, "trial_id": trial_id,
-             "param_name": name, "param_value_internal": value, "distribution": distribution_to_json(distribution)}
-            for name, value, distribution in params]
+    # Under the lock: a failed write in another thread changes the worker id's stem for a while (below).
     with storage._thread_lock:
+        logs = [{"op_code": JournalOperation.SET_TRIAL_PARAM, "worker_id": replay.worker_id, "trial_id": trial_id,
+                 "param_name": name, "param_value_internal": value, "distribution": distribution_to_json(distribution)}
+                for name, value, distribution in params]
         storage._backend.append_logs(logs)
         try:
             storage._sync_with_backend()
@@ -324,11 +325,21 @@ def set_trial_params(storage: BaseStorage, trial_id: int, params: Sequence[Param
 @contextlib.contextmanager
 def params_in_one_write(trial: optuna.Trial) -> Iterator[None]:
     """Within the block, the parameters `trial` draws are held and written together at its end
-    (`set_trial_params`); also after an error, as each would have been written as drawn. A write
-    that fails leaves them undrawn on the trial, so that a retry (`hpo.outage.persist`) draws and
-    writes them again rather than taking them for stored."""
+    (`set_trial_params`); also after an error, as each would have been written as drawn. Where
+    the write fails, the trial keeps the values drawn and a retry (`hpo.outage.persist`) writes
+    the same ones again: a write may have landed though its reply was lost, and then only the same
+    values leave the storage as the trial trains (a journal keeps a parameter's last value, a
+    database its first)."""
     storage = trial.storage
-    held = _HeldParams(storage)
+    if isinstance(storage, _HeldParams):  # within another such block: that one writes them
+        yield
+        return
+    # The trial's own record: a journal hands out its replay's, which must not show parameters
+    # before they are written (its check of a name's distribution against other trials reads it).
+    frozen = copy.copy(trial._cached_frozen_trial)
+    frozen.params, frozen.distributions = dict(frozen.params), dict(frozen.distributions)
+    trial._cached_frozen_trial = frozen
+    held = _HeldParams(storage, getattr(trial, _UNWRITTEN, []))
     trial.storage = held  # what `Trial._suggest` writes through
     try:
         yield
@@ -337,18 +348,22 @@ def params_in_one_write(trial: optuna.Trial) -> Iterator[None]:
         try:
             set_trial_params(storage, trial._trial_id, held.params)
         except BaseException:
-            for name, _, _ in held.params:
-                trial._cached_frozen_trial.params.pop(name, None)
-                trial._cached_frozen_trial.distributions.pop(name, None)
+            setattr(trial, _UNWRITTEN, held.params)
             raise
+        if hasattr(trial, _UNWRITTEN):
+            delattr(trial, _UNWRITTEN)
+
+
+# A trial's parameters drawn but not known to be written (`params_in_one_write`).
+_UNWRITTEN = "_hpo_unwritten_params"
 
 
 class _HeldParams:
     """A trial's storage that holds its `set_trial_param` calls and passes every other call on."""
 
-    def __init__(self, storage: BaseStorage) -> None:
+    def __init__(self, storage: BaseStorage, params: Sequence[Param] = ()) -> None:
         self._storage = storage
-        self.params: list[Param] = []
+        self.params = list(params)
 
     def set_trial_param(self, trial_id: int, name: str, value: float, distribution: BaseDistribution) -> None:
         self.params.append((name, value, distribution))

@@ -238,32 +238,41 @@ def _url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("kind", ["journal", "redis", "postgres", "mysql"])
 def test_trials_sampled_one_after_another_see_the_params_of_those_before(kind: str, request, tmp_path: Path) -> None:
-    """Population mode asks for several trials, then samples them one by one: with constant liar
-    each must see the ones before it with their parameters. Optuna's per-thread cache of the
-    trial list, read for the first, once served the later ones too (on a database: without them)."""
+    """Population mode asks for several trials, then samples them one by one: each must see the
+    ones before it with their parameters. QMC infers its search space from the running trials in
+    Optuna's per-thread copy of the trial list, which, read for the first, once served the later
+    ones too, without those parameters: they were sampled at random instead."""
     from hpo import space
 
     storage = open_storage(_url(kind, request, tmp_path))
-    sampler = optuna.samplers.TPESampler(n_startup_trials=2, multivariate=True, constant_liar=True, seed=0)
-    study = optuna.create_study(storage=storage, study_name=f"liar-{tmp_path.name}", sampler=sampler, direction="maximize")
-    tree = _space()
-    for i in range(6):
-        trial = study.ask()
-        space.suggest(trial, tree)
-        study.tell(trial, i / 10)
-    seen: dict[int, dict[int, int]] = {}
+    sampler = optuna.samplers.QMCSampler(seed=0, warn_independent_sampling=False)
+    study = optuna.create_study(storage=storage, study_name=f"qmc-{tmp_path.name}", sampler=sampler)
+    relative: list[dict] = []
     sample_relative = sampler.sample_relative
-
-    def spy(study_, trial, search_space):
-        # What TPE itself reads (`use_cache=True`): the running trials and how many params each has.
-        running = study_._get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,), use_cache=True)
-        seen[trial.number] = {t.number: len(t.params) for t in running if t.number != trial.number}
-        return sample_relative(study_, trial, search_space)
-
-    sampler.sample_relative = spy
+    sampler.sample_relative = lambda *args: relative.append(sample_relative(*args)) or relative[-1]
     trials = [study.ask() for _ in range(3)]
-    drawn = [len(space.suggest(t, tree)) and len(t.params) for t in trials]
-    assert seen == {6: {7: 0, 8: 0}, 7: {6: drawn[0], 8: 0}, 8: {6: drawn[0], 7: drawn[1]}}
+    for trial in trials:
+        space.suggest(trial, _space())
+    # The first at random; the later ones on the space of those before them (QMC's points).
+    assert relative[0] == {} and set(relative[1]) == set(trials[0].params) and {"lr", "layers"} <= set(relative[2])
+    assert trials[1].params["lr"] != trials[2].params["lr"]
+
+
+def test_a_parameter_held_back_does_not_skip_optunas_check_of_its_distribution(tmp_path: Path) -> None:
+    """A journal hands a trial its replay's own record: parameters held back must not show there
+    before they are written, or Optuna's replay finds the name first in this trial and skips
+    checking it against the trials after it."""
+    from hpo.storage import params_in_one_write
+
+    url = str(tmp_path / "s.journal")
+    mine = optuna.create_study(storage=open_storage(url), study_name="clash")
+    trial = mine.ask()
+    theirs = optuna.load_study(study_name="clash", storage=open_storage(url))
+    theirs.ask().suggest_float("x", 0, 1)  # another worker, a later trial
+    with pytest.raises(ValueError, match="different distribution kind"):
+        with params_in_one_write(trial):
+            trial.suggest_int("x", 0, 10)
+    assert [t.params for t in optuna.load_study(study_name="clash", storage=open_storage(url)).trials] == [{}, {"x": pytest.approx(theirs.trials[1].params["x"])}]
 
 
 @pytest.mark.parametrize("kind", ["journal", "redis"])
@@ -310,24 +319,33 @@ def test_params_of_a_trial_finished_meanwhile_fail_and_leave_the_journal_readabl
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
-def test_params_whose_write_failed_are_drawn_and_written_again_by_the_retry(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("kind", ["journal", "redis", "postgres", "mysql"])
+@pytest.mark.parametrize("landed", [False, True])
+def test_a_retry_after_a_failed_write_of_params_writes_the_values_the_trial_has(kind: str, landed: bool, request,
+                                                                               tmp_path: Path, monkeypatch) -> None:
+    """The write fails before it reaches the storage, or after (its reply lost): either way the
+    retry leaves the storage with the values the trial trains with, and only its branch's."""
     from functools import partial
 
     from hpo import space
+    from hpo import storage as storage_mod
     from hpo.outage import persist
 
-    storage = open_storage(str(tmp_path / "s.journal"))
-    study = optuna.create_study(storage=storage, study_name="retry", sampler=optuna.samplers.RandomSampler(seed=1))
+    url = _url(kind, request, tmp_path)
+    study = optuna.create_study(storage=open_storage(url), study_name=f"retry-{tmp_path.name}",
+                                sampler=optuna.samplers.RandomSampler(seed=1))
     trial = study.ask()
-    append_logs, failures = storage._backend.append_logs, [ConnectionError("the disk went away")]
+    write, failures = storage_mod.set_trial_params, [ConnectionError("the connection dropped")]
 
-    def flaky(logs):
+    def flaky(*args):
+        if failures and landed:
+            write(*args)
         if failures:
             raise failures.pop()
-        return append_logs(logs)
+        return write(*args)
 
-    monkeypatch.setattr(storage._backend, "append_logs", flaky)
+    monkeypatch.setattr(storage_mod, "set_trial_params", flaky)
     params = persist(partial(space.suggest, trial, _space()), "sampling a trial", patience=30)
     assert not failures
-    stored = optuna.load_study(study_name="retry", storage=open_storage(str(tmp_path / "s.journal"))).trials[0]
-    assert space.unflatten(_space(), stored.params) == params and len(stored.params) == 4
+    stored = optuna.load_study(study_name=study.study_name, storage=open_storage(url)).trials[0]
+    assert stored.params == trial.params and space.unflatten(_space(), stored.params) == params
