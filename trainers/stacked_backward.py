@@ -39,10 +39,14 @@ def loss_and_grads(
     smoothing: torch.Tensor | None = None,
     weight: float | torch.Tensor = 1.0,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """Each slot's mean loss over the batch, [K]; every parameter's `.grad` grows by the gradient
     of the sum of the losses times `weight`: 1 / accumulate_grad_batches, and with fp16 each
-    slot's loss scale ([K]). `dtype`: the autocast dtype (bf16, fp16), or None in full precision.
+    slot's loss scale ([K]). `overwrite`: the gradient replaces a `.grad` there (one that the
+    optimizer kept rather than freed, `StackedOptimizer.zero_grad(set_to_none=False)`), written
+    into it where no cast is needed: no new tensor, and the optimizer's views of it stay valid.
+    `dtype`: the autocast dtype (bf16, fp16), or None in full precision.
     As autocast does, the linear layers then compute in `dtype` (their inputs, weights and biases
     cast each step), the element-wise layers in their input's dtype, the loss in float32."""
     params = model.params
@@ -89,9 +93,15 @@ def loss_and_grads(
             g = _as(g, after)
         if what == "linear":
             name, given, weight_, wanted = saved
-            _accumulate(params[f"{name}.weight"], torch.bmm(g.transpose(1, 2), given))
-            if f"{name}.bias" in params:
-                _accumulate(params[f"{name}.bias"], g.sum(1))
+            weight, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
+            if overwrite and not cast and weight.grad is not None:
+                torch.bmm(g.transpose(1, 2), given, out=weight.grad)
+                if bias is not None:
+                    torch.sum(g, 1, out=bias.grad)
+            else:
+                _accumulate(weight, torch.bmm(g.transpose(1, 2), given), overwrite)
+                if bias is not None:
+                    _accumulate(bias, g.sum(1), overwrite)
             if not wanted:
                 break
             g = torch.bmm(g, weight_)
@@ -175,9 +185,10 @@ def _loss_and_gradient(
     return per.reshape(k, -1).mean(1), grad.mul_(weight / n).to(out.dtype)
 
 
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    grad = _as(grad, param.dtype)  # computed in the autocast dtype: the cast's backward, as autograd's
+def _accumulate(param: torch.Tensor, grad: torch.Tensor, overwrite: bool = False) -> None:
     if param.grad is None:
-        param.grad = grad
+        param.grad = _as(grad, param.dtype)  # computed in the autocast dtype: the cast's backward, as autograd's
+    elif overwrite:
+        param.grad.copy_(grad)
     else:
-        param.grad.add_(grad)
+        param.grad.add_(_as(grad, param.dtype))

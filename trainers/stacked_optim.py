@@ -39,8 +39,17 @@ class StackedOptimizer:
         # amsgrad's maximum of the second moment, centered RMSprop's gradient average: made when a
         # slot first needs them (a third copy of every parameter).
         self.aux: list[torch.Tensor] | None = None
-        self.steps = [_step_counter(s["name"], params[0].device) for s in self.raw]
+        # Adam's and AdamW's step counts, one [K] tensor: each step adds 1 to every such slot's count
+        # in one op (one kernel launch on a GPU, not K); the fused kernels read each slot's 0-d view.
+        self.counts = torch.zeros(len(specs), dtype=torch.float32, device=params[0].device)
+        self.counting = torch.tensor([float(_counted(s["name"])) for s in self.raw], device=params[0].device)
+        # RMSprop's and Adagrad's counts: on the CPU, as torch.optim keeps them (Adagrad reads its
+        # count on the host every step, which on a GPU would be a sync per tensor).
+        self.host_steps = [_host_step(s["name"]) for s in self.raw]
         self.started = [False] * len(specs)  # whether the slot has stepped: SGD's first step copies the gradient
+        # The gradients of the last step and each slot's views of them (`zero_grad`).
+        self._grads: list[torch.Tensor] = []
+        self._slot_grads: list[tuple[torch.Tensor, ...]] = []
         self._views()
         if any(_needs_aux(s) for s in self.specs):
             self._make_aux()
@@ -58,14 +67,24 @@ class StackedOptimizer:
         self.slot_m = list(zip(*(m.unbind(0) for m in self.m)))
         self.slot_v = list(zip(*(v.unbind(0) for v in self.v)))
         self.slot_aux = list(zip(*(x.unbind(0) for x in self.aux))) if self.aux is not None else None
+        self.count_views = self.counts.unbind(0)
+
+    @property
+    def steps(self) -> list[torch.Tensor]:
+        """Each slot's step count (an SGD slot's stays 0)."""
+        return [host if host is not None else count for host, count in zip(self.host_steps, self.count_views)]
 
     def _make_aux(self) -> None:
         self.aux = [torch.zeros_like(p) for p in self.params]
         self._views()
 
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Frees the gradients; or (`set_to_none=False`) keeps them, for a backward that overwrites
+        them (`stacked_backward.loss_and_grads(overwrite=True)`): each step then reuses the same
+        tensors and the slots' views of them, made once (`unbind` per step costs per slot)."""
+        if set_to_none:
+            for p in self.params:
+                p.grad = None
 
     @torch.no_grad()
     def step(self, found_inf: torch.Tensor | None = None) -> None:
@@ -73,7 +92,11 @@ class StackedOptimizer:
         overflowed), those slots skip it on the device, as `GradScaler.step` has a fused kernel do."""
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         every = len(live) == len(self.params)
-        slot_grads = list(zip(*(self.params[i].grad.unbind(0) for i in live)))
+        grads = [self.params[i].grad for i in live]
+        if len(grads) != len(self._grads) or any(g is not seen for g, seen in zip(grads, self._grads)):
+            self._grads, self._slot_grads = grads, list(zip(*(g.unbind(0) for g in grads)))
+        slot_grads = self._slot_grads
+        self.counts.add_(self.counting)
         for k, (kind, options) in enumerate(self.specs):
             if self.groups[k] is not None:
                 options = _scheduled(kind, options, self.groups[k])
@@ -89,21 +112,20 @@ class StackedOptimizer:
             if kind in ("rmsprop", "adagrad"):
                 # torch.optim's own functional update (foreach: one pass per op over the slot's
                 # tensors), which adds 1 to each step tensor it is given: copies, and one count kept here.
-                steps = [self.steps[k].clone() for _ in live]
+                steps = [self.host_steps[k].clone() for _ in live]
                 if kind == "rmsprop":
                     averages = pick(self.slot_aux[k]) if options["centered"] else []
                     rmsprop(params, grads, pick(self.slot_v[k]), averages, m if options["momentum"] else [], steps,
                             foreach=True, **options)
                 else:
                     adagrad(params, grads, pick(self.slot_v[k]), steps, foreach=True, maximize=False, **options)
-                self.steps[k] += 1
+                self.host_steps[k] += 1
                 continue
-            self.steps[k] += 1
             fused = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
             fused(params, grads, m, pick(self.slot_v[k]), pick(self.slot_aux[k]) if options["amsgrad"] else [],
-                  [self.steps[k]] * len(live), maximize=False, found_inf=skip, **options)
-            if skip is not None:
-                self.steps[k] -= skip  # a skipped step does not count, as in torch.optim's fused Adam
+                  [self.count_views[k]] * len(live), maximize=False, found_inf=skip, **options)
+        if found_inf is not None:
+            self.counts.sub_(found_inf * self.counting)  # a skipped step does not count, as in torch.optim's fused Adam
 
     def slot_state_dict(self, index: int) -> dict[str, Any]:
         """Slot `index`'s state as the `state_dict()` of the torch optimizer that `fit` builds for
@@ -136,7 +158,9 @@ class StackedOptimizer:
         with torch.no_grad():
             for state in (*self.m, *self.v, *(self.aux or [])):
                 state[index].zero_()
-        self.steps[index] = _step_counter(spec["name"], self.params[0].device)
+        self.counts[index] = 0
+        self.counting[index] = float(_counted(spec["name"]))
+        self.host_steps[index] = _host_step(spec["name"])
         self.started[index] = False
         self.raw[index] = dict(spec)
         self.specs[index] = _fused_options(spec)
@@ -152,7 +176,8 @@ class StackedOptimizer:
         self.m = [m.index_select(0, index) for m in self.m]
         self.v = [v.index_select(0, index) for v in self.v]
         self.aux = [x.index_select(0, index) for x in self.aux] if self.aux is not None else None
-        self.steps = [self.steps[i] for i in indices]
+        self.counts, self.counting = self.counts.index_select(0, index), self.counting.index_select(0, index)
+        self.host_steps = [self.host_steps[i] for i in indices]
         self.started = [self.started[i] for i in indices]
         self.raw = [self.raw[i] for i in indices]
         self.specs = [self.specs[i] for i in indices]
@@ -166,10 +191,13 @@ def stand_in_optimizer(spec: Mapping[str, Any]) -> torch.optim.Optimizer:
     return build_optimizer([torch.zeros((), requires_grad=True)], spec)
 
 
-def _step_counter(kind: str, device: torch.device) -> torch.Tensor:
-    # On the CPU for RMSprop and Adagrad, as torch.optim keeps it: Adagrad reads it on the host
-    # every step, which on a GPU would be a sync per tensor.
-    return torch.zeros((), dtype=torch.float32, device="cpu" if kind in ("rmsprop", "adagrad") else device)
+def _counted(kind: str) -> bool:
+    """Whether a slot's step count is one of `StackedOptimizer.counts` (the fused Adam kernels')."""
+    return kind in ("adam", "adamw")
+
+
+def _host_step(kind: str) -> torch.Tensor | None:
+    return torch.zeros((), dtype=torch.float32) if kind in ("rmsprop", "adagrad") else None
 
 
 def _scheduled(kind: str, options: dict[str, Any], group: Mapping[str, Any]) -> dict[str, Any]:

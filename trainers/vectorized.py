@@ -308,8 +308,11 @@ class StackedModel:
         # Four 16-bit uniform numbers from each 64-bit draw: the generator was most of dropout's
         # time, one 32-bit draw per unit for torch.rand_like (digits MLP, 8 slots: 114 us against 83).
         bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=h.device).random_(-2**63, None)
-        dtype = h.dtype if h.dtype.itemsize >= 4 else torch.float32
-        return (bits.view(torch.int16)[:n].view(h.shape) <= threshold.view(shape)).to(dtype).mul_(scale.view(shape))
+        keep = bits.view(torch.int16)[:n].view(h.shape) <= threshold.view(shape)
+        # One op from the comparison to the scaled mask, and through uint8: on this CPU bool converts
+        # to float 4x slower (8 slots of [64, 64]: 12.2 us, 3.3 us from uint8, 4.7 us with the scale).
+        mask = torch.mul(keep.view(torch.uint8), scale.view(shape))  # float32, as `scale`
+        return mask if h.dtype != torch.float64 else mask.to(h.dtype)
 
     def _activate(self, name: str, h: torch.Tensor) -> torch.Tensor:
         kinds = self._kinds[name]
@@ -461,6 +464,7 @@ class StackedTrainer:
         self.batched = batched
         self.model: StackedModel | None = None
         self.written_out = False  # set by `start`
+        self._kept_grads = False  # whether `.grad` holds the last step's gradients, for the next to overwrite
         self.optimizer: StackedOptimizer | None = None
         self.scaler: StackedScaler | None = None  # fp16-mixed only
         self.slots: list[Slot] = []
@@ -660,8 +664,10 @@ class StackedTrainer:
         scaler = self.scaler
         if self.written_out:
             weight = scaler.scale / accumulate if scaler is not None else 1 / accumulate
+            overwrite, self._kept_grads = self._kept_grads, False
             return stacked_backward.loss_and_grads(self.model, x, y, shared=shared, kind=self.kind, smoothing=smoothing,
-                                                   weight=weight, dtype=DTYPES.get(str(self.config.precision)))
+                                                   weight=weight, dtype=DTYPES.get(str(self.config.precision)),
+                                                   overwrite=overwrite)
         with self.autocast():
             out = self.model(x, shared=shared)
         losses = self._loss(out, y, shared, smoothing)
@@ -679,7 +685,9 @@ class StackedTrainer:
         self.optimizer.step(found_inf)
         if self.scaler is not None:
             self.scaler.update(found_inf)
-        self.optimizer.zero_grad()
+        # The written-out backward overwrites the gradients the next step: kept, not freed.
+        self._kept_grads = self.written_out
+        self.optimizer.zero_grad(set_to_none=not self._kept_grads)
 
     def train_epoch(self) -> list[Slot]:
         """One pass over the training data for every slot, then validation: each slot's `metrics`
