@@ -171,3 +171,36 @@ def test_a_written_out_step_that_fails_is_found_when_the_group_starts(monkeypatc
     trainer = StackedTrainer(data, trainers.TrainerConfig(epochs=1, batch_size=16, device="cpu"))
     with pytest.raises(NotVectorizable, match="same dtype"):
         trainer.start([mlp(), mlp()], [Slot(i, {}) for i in range(2)])
+
+
+def test_the_first_step_check_also_runs_the_steps_that_overwrite_the_kept_gradients(monkeypatch) -> None:
+    loss_and_grads = stacked_backward.loss_and_grads
+
+    def broken_when_overwriting(*args, overwrite: bool = False, **kwargs):
+        if overwrite:
+            raise RuntimeError("bmm(): out must be contiguous")
+        return loss_and_grads(*args, **kwargs)
+
+    monkeypatch.setattr(stacked_backward, "loss_and_grads", broken_when_overwriting)
+    data = trainers.Data((X, Y), (X, Y))
+    trainer = StackedTrainer(data, trainers.TrainerConfig(epochs=1, batch_size=16, device="cpu"))
+    with pytest.raises(NotVectorizable, match="out must be contiguous"):
+        trainer.start([mlp(), mlp()], [Slot(i, {}) for i in range(2)])
+
+
+@pytest.mark.parametrize("written_out", [True, False])
+def test_gradients_are_kept_between_steps_only_where_the_next_step_overwrites_them(written_out: bool) -> None:
+    data = trainers.Data((X.repeat(2, 1), Y.repeat(2)), (X, Y))
+    trainer = StackedTrainer(data, trainers.TrainerConfig(epochs=1, batch_size=16, device="cpu"))
+    trainer.start([mlp(), mlp()], [Slot(i, {}) for i in range(2)])
+    trainer.written_out = written_out
+    trainer.train_epoch()
+    grads = [p.grad for p in trainer.model.parameters()]
+    if written_out:  # the same tensors step after step, and the optimizer's views of them made once
+        same = lambda a, b: len(a) == len(b) and all(x is y for x, y in zip(a, b))  # noqa: E731
+        assert all(g is not None for g in grads) and same(trainer.optimizer._grads, grads)
+        views = trainer.optimizer._slot_grads
+        trainer.train_epoch()
+        assert same([p.grad for p in trainer.model.parameters()], grads) and trainer.optimizer._slot_grads is views
+    else:  # autograd's: freed after each step, and the optimizer holds none through the next
+        assert grads == [None] * len(grads) and trainer.optimizer._grads == [] == trainer.optimizer._slot_grads

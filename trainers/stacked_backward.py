@@ -44,7 +44,7 @@ def loss_and_grads(
     """Each slot's mean loss over the batch, [K]; every parameter's `.grad` grows by the gradient
     of the sum of the losses times `weight`: 1 / accumulate_grad_batches, and with fp16 each
     slot's loss scale ([K]). `overwrite`: the gradient replaces a `.grad` there (one that the
-    optimizer kept rather than freed, `StackedOptimizer.zero_grad(set_to_none=False)`), written
+    optimizer kept rather than freed, `StackedOptimizer.zero_grad(keep=True)`), written
     into it where no cast is needed: no new tensor, and the optimizer's views of it stay valid.
     `dtype`: the autocast dtype (bf16, fp16), or None in full precision.
     As autocast does, the linear layers then compute in `dtype` (their inputs, weights and biases
@@ -94,7 +94,7 @@ def loss_and_grads(
         if what == "linear":
             name, given, weight_, wanted = saved
             weight, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
-            if overwrite and not cast and weight.grad is not None:
+            if overwrite and not cast and weight.grad is not None and (bias is None or bias.grad is not None):
                 torch.bmm(g.transpose(1, 2), given, out=weight.grad)
                 if bias is not None:
                     torch.sum(g, 1, out=bias.grad)

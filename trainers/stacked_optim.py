@@ -78,13 +78,15 @@ class StackedOptimizer:
         self.aux = [torch.zeros_like(p) for p in self.params]
         self._views()
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Frees the gradients; or (`set_to_none=False`) keeps them, for a backward that overwrites
-        them (`stacked_backward.loss_and_grads(overwrite=True)`): each step then reuses the same
-        tensors and the slots' views of them, made once (`unbind` per step costs per slot)."""
-        if set_to_none:
+    def zero_grad(self, keep: bool = False) -> None:
+        """Frees the gradients; or (`keep`) leaves them, unchanged, for a backward that overwrites
+        them (`stacked_backward.loss_and_grads(overwrite=True)`; one that adds would add to them):
+        each step then reuses the same tensors and the slots' views of them, made once (`unbind` per
+        step costs per slot)."""
+        if not keep:
             for p in self.params:
                 p.grad = None
+            self._grads, self._slot_grads = [], []  # not held through the next forward and backward
 
     @torch.no_grad()
     def step(self, found_inf: torch.Tensor | None = None) -> None:
@@ -178,6 +180,7 @@ class StackedOptimizer:
         self.aux = [x.index_select(0, index) for x in self.aux] if self.aux is not None else None
         self.counts, self.counting = self.counts.index_select(0, index), self.counting.index_select(0, index)
         self.host_steps = [self.host_steps[i] for i in indices]
+        self._grads, self._slot_grads = [], []
         self.started = [self.started[i] for i in indices]
         self.raw = [self.raw[i] for i in indices]
         self.specs = [self.specs[i] for i in indices]

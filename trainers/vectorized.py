@@ -604,7 +604,10 @@ class StackedTrainer:
             out.float().sum().backward()
             if self.written_out:  # the step training takes: what fails there falls back to solo runs too
                 y = self.data.train[1][: self.config.batch_size].clone()
-                self._backward(batch[0], y if not self.per_slot_data else y.expand(self.size, *y.shape), not self.per_slot_data)
+                y = y if not self.per_slot_data else y.expand(self.size, *y.shape)
+                self._backward(batch[0], y, not self.per_slot_data)
+                self._kept_grads = True  # and the steps after it, which overwrite the gradients kept
+                self._backward(batch[0], y, not self.per_slot_data)
             self.optimizer.zero_grad()
             for k, v in buffers.items():
                 self.model.buffers[k].copy_(v)
@@ -687,7 +690,7 @@ class StackedTrainer:
             self.scaler.update(found_inf)
         # The written-out backward overwrites the gradients the next step: kept, not freed.
         self._kept_grads = self.written_out
-        self.optimizer.zero_grad(set_to_none=not self._kept_grads)
+        self.optimizer.zero_grad(keep=self._kept_grads)
 
     def train_epoch(self) -> list[Slot]:
         """One pass over the training data for every slot, then validation: each slot's `metrics`
