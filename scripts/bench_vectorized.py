@@ -12,7 +12,7 @@ storage; side by side in one run. Two search spaces:
 For each: wall time, trials per hour, the ratio, the best value reached (study quality), the
 time until a target accuracy was first reached, and the mean group size.
 
-    python scripts/bench_vectorized.py [--trials 40] [--epochs 20] [--width 8|auto] [--lookahead 1] [--rounds 3] [--spaces shipped fixed-arch]
+    python scripts/bench_vectorized.py [--trials 40] [--epochs 20] [--width 8|auto] [--lookahead 1] [--rounds 3] [--spaces shipped fixed-arch] [--seeds 0 1 2]
 
 What stacking gains per architecture of the shipped space (one model alone against K copies):
 
@@ -54,15 +54,15 @@ MODELS = {
     "conv": ("digits_conv.yaml", {"blocks": 2, "channels": 16, "activation": "relu", "dropout": DROPOUT}),
 }
 # The run's settings: device, precision and the population's lookahead.
-SETTINGS = {"lookahead": 1, "device": "cpu", "precision": "32", "ask_ahead": False}
+SETTINGS = {"lookahead": 1, "device": "cpu", "precision": "32", "ask_ahead": False, "seed": 0}
 
 
 def study_raw(space: str, trials: int, epochs: int, width: str | None, model: str = "mlp") -> dict:
     shipped, fixed = MODELS[model]
     with open(os.path.join(ROOT, "search_spaces", shipped)) as f:
         raw = yaml.safe_load(f)
-    raw["study"].update({"name": f"bench-{model}-{space}-{'solo' if width is None else 'vec'}", "n_trials": trials,
-                         "ask_ahead": SETTINGS["ask_ahead"]})
+    raw["study"].update({"name": f"bench-{model}-{space}-{'solo' if width is None else 'vec'}-s{SETTINGS['seed']}",
+                         "n_trials": trials, "ask_ahead": SETTINGS["ask_ahead"], "seed": SETTINGS["seed"]})
     raw["trainer"].update({"epochs": epochs, "device": SETTINGS["device"], "threads": 1, "precision": SETTINGS["precision"]})
     if space == "fixed-arch":
         raw["space"]["model"] = dict(fixed)
@@ -164,6 +164,9 @@ def main() -> None:
     parser.add_argument("--width", default="8", help="population width, or auto")
     parser.add_argument("--lookahead", type=int, default=1, help="population mode's lookahead")
     parser.add_argument("--rounds", type=int, default=3, help="runs per side; the median is shown")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="study seeds (the sampler's, and the trials' torch seeds): each its own study, so its "
+                             "own set of trials; the ratio varies with them")
     parser.add_argument("--target", type=float, default=0.975, help="validation accuracy for the time-to-target column")
     parser.add_argument("--spaces", nargs="+", default=["shipped", "fixed-arch"], choices=["shipped", "fixed-arch"])
     parser.add_argument("--model", nargs="+", default=["mlp"], choices=list(MODELS),
@@ -189,18 +192,23 @@ def main() -> None:
         for model in args.model:
             warm_up(model)
             for space in args.spaces:
-                runs: dict[str, list[dict]] = {"solo": [], "vec": []}
-                for r in range(args.rounds):
-                    # Alternating which side goes first, so drifting machine load hits both alike.
-                    order = [("solo", None), ("vec", args.width)][:: 1 if r % 2 == 0 else -1]
-                    for mode, width in order:
-                        runs[mode].append(run(space, args.trials, args.epochs, width, args.target, tmp, r, model))
-                # Each round's ratio, solo and population side by side: drifts of the machine's speed
-                # that outlast a round cancel out here, not in the medians of each side apart.
-                paired = [v["per_hour"] / s["per_hour"] for s, v in zip(runs["solo"], runs["vec"])]
-                rows.append((f"{model} {space}", median_run(runs["solo"]), median_run(runs["vec"]), paired))
+                for seed in args.seeds:
+                    SETTINGS["seed"] = seed
+                    runs: dict[str, list[dict]] = {"solo": [], "vec": []}
+                    for r in range(args.rounds):
+                        # Alternating which side goes first, so drifting machine load hits both alike.
+                        order = [("solo", None), ("vec", args.width)][:: 1 if r % 2 == 0 else -1]
+                        for mode, width in order:
+                            runs[mode].append(run(space, args.trials, args.epochs, width, args.target, tmp, r, model))
+                    # Each round's ratio, solo and population side by side: drifts of the machine's speed
+                    # that outlast a round cancel out here, not in the medians of each side apart.
+                    paired = [(v["per_hour"] / s["per_hour"], v["epochs_per_s"] / s["epochs_per_s"])
+                              for s, v in zip(runs["solo"], runs["vec"])]
+                    label = f"{model} {space}" + (f", seed {seed}" if len(args.seeds) > 1 else "")
+                    rows.append((label, median_run(runs["solo"]), median_run(runs["vec"]), paired, f"{model} {space}"))
     where = "CPU, 1 thread" if args.device == "cpu" else f"{torch.cuda.get_device_name(args.device)}, {args.precision}"
-    print(f"digits {'/'.join(args.model)}, {args.trials} trials x {args.epochs} epochs, {where}, TPE seed 0, "
+    print(f"digits {'/'.join(args.model)}, {args.trials} trials x {args.epochs} epochs, {where}, "
+          f"TPE seed{'s' if len(args.seeds) > 1 else ''} {', '.join(map(str, args.seeds))}, "
           f"median pruner, median of {args.rounds} rounds, lookahead {args.lookahead}, "
           f"ask_ahead {'on' if args.ask_ahead else 'off'}\n")
     print("| model and space | mode | wall s | trials/hour | ratio | trial-epochs/s | ratio | best val_accuracy | s to reach "
@@ -210,7 +218,7 @@ def main() -> None:
     def fmt(v):
         return "never" if v is None else f"{v:.1f}"
 
-    for space, solo, vec, _ in rows:
+    for space, solo, vec, _, _ in rows:
         ratio = vec["per_hour"] / solo["per_hour"]
         epochs_ratio = vec["epochs_per_s"] / solo["epochs_per_s"]
         print(f"| {space} | solo | {solo['seconds']:.1f} | {solo['per_hour']:.0f} | 1.00 | {solo['epochs_per_s']:.0f} | 1.00 | "
@@ -220,9 +228,18 @@ def main() -> None:
               f"{vec['pruned']} | {vec['group']:.1f} |")
 
     print()
-    for space, _, _, paired in rows:
-        print(f"{space}: trials/hour ratio of each round {', '.join(f'{r:.2f}' for r in paired)}; "
-              f"median {statistics.median(paired):.2f}")
+    for space, _, _, paired, _ in rows:
+        print(f"{space}: trials/hour ratio of each round {', '.join(f'{r:.2f}' for r, _ in paired)}; "
+              f"median {statistics.median(r for r, _ in paired):.2f}")
+    if len(args.seeds) > 1:
+        # Each seed is another study, with other trials (another mix of models, other pruning).
+        for group in dict.fromkeys(row[4] for row in rows):
+            per_seed = [row[3] for row in rows if row[4] == group]
+            hourly = [statistics.median(r for r, _ in paired) for paired in per_seed]
+            epochs = [statistics.median(e for _, e in paired) for paired in per_seed]
+            print(f"{group}, over {len(per_seed)} seeds: trials/hour ratio {', '.join(f'{r:.2f}' for r in hourly)}; "
+                  f"median {statistics.median(hourly):.2f}, range {min(hourly):.2f}-{max(hourly):.2f}; "
+                  f"trial-epochs/s ratio median {statistics.median(epochs):.2f}")
 
 
 if __name__ == "__main__":
