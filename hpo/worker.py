@@ -125,6 +125,10 @@ def run_worker(
     `on_start()` is called once the study is open and its task imported (before the data is built)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, config = coordinator.open_study(storage_url, study_name)
+    try:  # every trial would fail on a device this machine lacks: said once, before any is asked for
+        trainers.resolve_device(config.trainer.device)
+    except RuntimeError as err:
+        raise coordinator.StudyError(f"study {study_name}: trainer.device: {err}") from None
     s = config.study
     worker = identity(index)
     seed = sampler_seed(s.seed, index, worker)

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from conftest import hpo
 from optuna.trial import TrialState
 
+import trainers
 from hpo import coordinator, worker
 from hpo.config import load_config
 from hpo.storage import open_storage
@@ -342,6 +344,30 @@ def test_unknown_study_is_one_line(tmp_path: Path) -> None:
     result = hpo("worker", "--study", "unknwn", "--storage", url)
     assert result.returncode == 2
     assert result.stderr == "hpo: error: no study named 'unknwn' (studies here: known)\n"
+
+
+def test_a_worker_without_the_studys_device_says_so_in_one_line_before_asking_for_trials(tmp_path: Path) -> None:
+    url = str(tmp_path / "h.journal")
+    write = write_study(tmp_path, "gpu", {"lr": 0.1, "x": {"type": "int", "low": 1, "high": 2}},
+                        trainer={"epochs": 2, "device": "cuda:63"})
+    assert hpo("create", str(write), "--storage", url, cwd=tmp_path).returncode == 0
+    result = hpo("worker", "--study", "gpu", "--storage", url, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    # On this machine CUDA is missing; on one with fewer than 64 GPUs, that GPU is.
+    assert result.stderr.startswith("hpo: error: study gpu: trainer.device: device 'cuda:63' was asked for, but ")
+    assert result.stderr.count("\n") == 1
+    assert optuna.load_study(study_name="gpu", storage=open_storage(url)).trials == []  # none failed for it
+
+
+def test_a_cuda_device_past_those_the_process_sees_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert trainers.resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(RuntimeError, match=r"this process sees 2 CUDA devices \(cuda:0 to cuda:1\)"):
+        trainers.resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match=r"sees 1 CUDA device \(cuda:0\)"):
+        trainers.resolve_device("cuda:1")
 
 
 def test_a_mistyped_journal_path_is_one_line_and_makes_no_file(tmp_path: Path) -> None:

@@ -73,8 +73,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available here")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available here")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            seen = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise RuntimeError(f"device {name!r} was asked for, but this process sees {count} CUDA "
+                               f"device{'s' if count > 1 else ''} ({seen})")
     return device
 
 
