@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import importlib.util
 import logging
 import os
@@ -373,10 +374,23 @@ class _HeldParams:
 
 
 def scrub(text: str) -> str:
-    """Removes every password seen in a storage URL from `text`."""
+    """Removes every password seen in a storage URL from `text`. One of fewer than 4 characters
+    also occurs inside ordinary words ("e" in every "Error"): it is removed where it stands apart
+    from letters and digits, as in ``:pw@`` or ``password=pw&``, not from every word."""
     for secret in _SECRETS:
-        text = text.replace(secret, "***")
+        if len(secret) >= _SHORT:
+            text = text.replace(secret, "***")
+        else:
+            text = _apart(secret).sub("***", text)
     return text
+
+
+_SHORT = 4
+
+
+@functools.cache
+def _apart(secret: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])")
 
 
 def _journal_file(path: str, existing: bool = False) -> BaseStorage:

@@ -349,3 +349,14 @@ def test_a_retry_after_a_failed_write_of_params_writes_the_values_the_trial_has(
     assert not failures
     stored = optuna.load_study(study_name=study.study_name, storage=open_storage(url)).trials[0]
     assert stored.params == trial.params and space.unflatten(_space(), stored.params) == params
+
+
+def test_a_short_password_is_scrubbed_where_it_stands_apart_not_from_every_word(monkeypatch) -> None:
+    from hpo import storage as storage_mod
+
+    monkeypatch.setattr(storage_mod, "_SECRETS", set())
+    storage_mod._remember_password("redis://:e@cache:6379/0")
+    assert storage_mod.scrub("Error 111 connecting to redis://:e@cache:6379/0?password=e&x=1 (e)") == \
+        "Error 111 connecting to redis://:***@cache:6379/0?password=***&x=1 (***)"
+    storage_mod._remember_password(f"redis://:{SECRET}@cache:6379/0")  # a long one: everywhere, inside words too
+    assert storage_mod.scrub(f"auth{SECRET}failed for e") == "auth***failed for ***"
