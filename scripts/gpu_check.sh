@@ -3,7 +3,7 @@
 # CI has no GPU; run this on a machine with one (hpo installed, pytest, lightning and
 # pytorch-ignite for the loop benchmark). Logs go to $OUT (default ./gpu-check).
 #
-#   bash scripts/gpu_check.sh [tests] [loop] [vectorized] [architectures]     (the first three when none is named)
+#   bash scripts/gpu_check.sh [tests] [loop] [vectorized] [seeds] [architectures]     (the first three when none is named)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
 OUT=${OUT:-gpu-check}
@@ -21,7 +21,11 @@ for part in $parts; do
             --rounds 3 --repeat 2 2>&1 | tee "$OUT/bench_loop.txt" ;;
     vectorized) timeout 250 python3 scripts/bench_vectorized.py --device cuda --precision bf16-mixed --model mlp conv \
                   --spaces fixed-arch --width 32 --trials 128 --epochs 10 --rounds 1 2>&1 | tee "$OUT/bench_vectorized.txt" ;;
-    # Not run by default: the written-out backward against autograd's, stacked against alone, per architecture.
+    # Not run by default: the population benchmark at two more seeds (each its own study, its own trials),
+    # for a ratio that is not one seed's ...
+    seeds) timeout 290 python3 scripts/bench_vectorized.py --device cuda --precision bf16-mixed --model mlp conv \
+             --spaces fixed-arch --width 32 --trials 128 --epochs 10 --rounds 1 --seeds 1 2 2>&1 | tee "$OUT/bench_seeds.txt" ;;
+    # ... and the written-out backward against autograd's, stacked against alone, per architecture.
     architectures) timeout 250 python3 scripts/bench_vectorized.py --architectures --device cuda --precision bf16-mixed \
                      --widths 8 32 2>&1 | tee "$OUT/bench_architectures.txt" ;;
     *) echo "unknown part $part"; exit 2 ;;
