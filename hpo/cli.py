@@ -219,9 +219,10 @@ def _run(args: argparse.Namespace) -> int:
     from hpo.progress import StudyProgress
     from hpo.report import all_failed, status_text, trial_text
     from hpo.storage import open_storage, redact, refresh, resolve_url, scrub
-    from hpo.worker import run_worker
+    from hpo.worker import check_device, run_worker
 
     config = load_config(args.file)
+    check_device(config)  # before the study is made, and before the --jobs workers start
     url = resolve_url(args.storage)
     if "://" not in url:
         url = os.path.abspath(url)
@@ -281,6 +282,15 @@ def _child_worker(study_name: str, url: str, index: int, threads: int) -> None:
         summary = run_worker(study_name, url, index=index, threads=threads)
     except KeyboardInterrupt:  # before the worker took over the signal: nothing of the study to hand back
         sys.exit(EXIT_INTERRUPTED)
+    except ValueError as err:
+        from hpo.coordinator import StudyError
+        from hpo.storage import StorageError
+        from hpo.task import TaskImportError
+
+        if not isinstance(err, (StorageError, StudyError, TaskImportError)):
+            raise
+        print(f"hpo: error: {err}", file=sys.stderr)  # one line, as the main process gives it
+        sys.exit(EXIT_USAGE)
     sys.exit(EXIT_INTERRUPTED if summary.interrupted == "SIGINT" else 0)
 
 

@@ -125,10 +125,7 @@ def run_worker(
     `on_start()` is called once the study is open and its task imported (before the data is built)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, config = coordinator.open_study(storage_url, study_name)
-    try:  # every trial would fail on a device this machine lacks: said once, before any is asked for
-        trainers.resolve_device(config.trainer.device)
-    except RuntimeError as err:
-        raise coordinator.StudyError(f"study {study_name}: trainer.device: {err}") from None
+    check_device(config)
     s = config.study
     worker = identity(index)
     seed = sampler_seed(s.seed, index, worker)
@@ -147,6 +144,15 @@ def run_worker(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return summary
+
+
+def check_device(config: Config) -> None:
+    """Raises `StudyError` where this machine lacks the study's `trainer.device`: every trial
+    would fail on it, so it is said once, before any is asked for."""
+    try:
+        trainers.resolve_device(config.trainer.device)
+    except RuntimeError as err:
+        raise coordinator.StudyError(f"study {config.study.name}: trainer.device: {err}") from None
 
 
 def asks_ahead(config: Config, storage: optuna.storages.BaseStorage) -> bool:

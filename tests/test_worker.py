@@ -359,6 +359,15 @@ def test_a_worker_without_the_studys_device_says_so_in_one_line_before_asking_fo
     assert optuna.load_study(study_name="gpu", storage=open_storage(url)).trials == []  # none failed for it
 
 
+def test_hpo_run_without_the_device_says_so_in_one_line_before_making_the_study(tmp_path: Path) -> None:
+    write = write_study(tmp_path, "gpu", {"lr": 0.1, "x": {"type": "int", "low": 1, "high": 2}},
+                        trainer={"epochs": 2, "device": "cuda:63"})
+    result = hpo("run", str(write), "--jobs", "2", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.startswith("hpo: error: study gpu: trainer.device: device 'cuda:63' was asked for, but ")
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "hpo.journal").exists()
+
+
 def test_a_cuda_device_past_those_the_process_sees_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
