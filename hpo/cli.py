@@ -266,6 +266,11 @@ def _run(args: argparse.Namespace) -> int:
     if summary.interrupted:
         print(f"stopped by {summary.interrupted}; the interrupted trial was re-queued. Continue with: hpo run {args.file}")
         return EXIT_INTERRUPTED if summary.interrupted == "SIGINT" else 0
+    stopped = [(index, child.exitcode) for index, child in enumerate(children, start=1) if child.exitcode]
+    if stopped:  # its error line is above; the other workers ran the study without it
+        index, code = stopped[0]
+        print(f"hpo: error: worker {index} of {jobs} stopped with exit code {code} (its error is above)", file=sys.stderr)
+        return code if code == EXIT_USAGE else 1
     return 0
 
 
@@ -283,13 +288,17 @@ def _child_worker(study_name: str, url: str, index: int, threads: int) -> None:
     except KeyboardInterrupt:  # before the worker took over the signal: nothing of the study to hand back
         sys.exit(EXIT_INTERRUPTED)
     except ValueError as err:
+        from hpo.config import ConfigError
         from hpo.coordinator import StudyError
         from hpo.storage import StorageError
         from hpo.task import TaskImportError
 
-        if not isinstance(err, (StorageError, StudyError, TaskImportError)):
+        if isinstance(err, ConfigError):
+            print(*err.problems, sep="\n", file=sys.stderr)
+        elif isinstance(err, (StorageError, StudyError, TaskImportError)):
+            print(f"hpo: error: {err}", file=sys.stderr)  # one line, as the main process gives it
+        else:
             raise
-        print(f"hpo: error: {err}", file=sys.stderr)  # one line, as the main process gives it
         sys.exit(EXIT_USAGE)
     sys.exit(EXIT_INTERRUPTED if summary.interrupted == "SIGINT" else 0)
 

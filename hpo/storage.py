@@ -377,7 +377,7 @@ def scrub(text: str) -> str:
     """Removes every password seen in a storage URL from `text`. One of fewer than 4 characters
     also occurs inside ordinary words ("e" in every "Error"): it is removed where it stands apart
     from letters and digits, as in ``:pw@`` or ``password=pw&``, not from every word."""
-    for secret in _SECRETS:
+    for secret in sorted(_SECRETS, key=len, reverse=True):  # a password that holds a shorter one: whole first
         if len(secret) >= _SHORT:
             text = text.replace(secret, "***")
         else:

@@ -152,7 +152,10 @@ def check_device(config: Config) -> None:
     try:
         trainers.resolve_device(config.trainer.device)
     except RuntimeError as err:
-        raise coordinator.StudyError(f"study {config.study.name}: trainer.device: {err}") from None
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        # `hpo worker --gpus` pins each worker to one GPU, which it then sees as cuda:0.
+        hint = "" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible}: its devices are numbered from 0; say device: cuda)"
+        raise coordinator.StudyError(f"study {config.study.name}: trainer.device: {err}{hint}") from None
 
 
 def asks_ahead(config: Config, storage: optuna.storages.BaseStorage) -> bool:

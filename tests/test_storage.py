@@ -360,3 +360,6 @@ def test_a_short_password_is_scrubbed_where_it_stands_apart_not_from_every_word(
         "Error 111 connecting to redis://:***@cache:6379/0?password=***&x=1 (***)"
     storage_mod._remember_password(f"redis://:{SECRET}@cache:6379/0")  # a long one: everywhere, inside words too
     assert storage_mod.scrub(f"auth{SECRET}failed for e") == "auth***failed for ***"
+    # One password inside another: the longer is masked whole, whatever the set's order.
+    storage_mod._remember_password("postgresql://u:ab@db/x?password=ab-cd")
+    assert storage_mod.scrub("auth failed for ab-cd") == "auth failed for ***"

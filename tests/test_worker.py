@@ -368,7 +368,7 @@ def test_hpo_run_without_the_device_says_so_in_one_line_before_making_the_study(
     assert result.stderr.count("\n") == 1 and not (tmp_path / "hpo.journal").exists()
 
 
-def test_a_cuda_device_past_those_the_process_sees_is_refused(monkeypatch) -> None:
+def test_a_cuda_device_past_those_the_process_sees_is_refused(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert trainers.resolve_device("cuda:1") == torch.device("cuda:1")
@@ -377,6 +377,31 @@ def test_a_cuda_device_past_those_the_process_sees_is_refused(monkeypatch) -> No
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(RuntimeError, match=r"sees 1 CUDA device \(cuda:0\)"):
         trainers.resolve_device("cuda:1")
+    # A worker that `hpo worker --gpus` pinned to one GPU: the hint says how to name it.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    config = load_config(write_study(tmp_path, "pinned", {"lr": 0.1}, trainer={"epochs": 1, "device": "cuda:1"}))
+    with pytest.raises(coordinator.StudyError, match=r"^study pinned: trainer.device: device 'cuda:1' was asked for, but "
+                       r"this process sees 1 CUDA device \(cuda:0\) \(CUDA_VISIBLE_DEVICES=3: .*say device: cuda\)$"):
+        worker.check_device(config)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # NVML and the runtime disagreeing
+    with pytest.raises(RuntimeError, match=r"sees no CUDA device$"):
+        trainers.resolve_device("cuda:0")
+
+
+def test_a_run_whose_extra_worker_stops_on_an_error_says_so_in_its_exit_code(tmp_path: Path) -> None:
+    write = write_study(tmp_path, "halfway", {"lr": 0.1, "x": {"type": "int", "low": 1, "high": 2}})
+    # The task imports in the main process only: the --jobs worker process stops at its start.
+    task = (tmp_path / "usertask.py").read_text()
+    (tmp_path / "usertask.py").write_text(
+        "import multiprocessing\nif multiprocessing.current_process().name != 'MainProcess':\n"
+        "    raise ImportError('not in a worker process')\n" + task)
+    result = hpo("run", str(write), "--jobs", "2", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("hpo: error: ") and "not in a worker process" in lines[0]
+    assert lines[-1] == "hpo: error: worker 1 of 2 stopped with exit code 2 (its error is above)"
+    study = optuna.load_study(study_name="halfway", storage=open_storage(str(tmp_path / "hpo.journal")))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4  # the main process's worker ran them
 
 
 def test_a_mistyped_journal_path_is_one_line_and_makes_no_file(tmp_path: Path) -> None:

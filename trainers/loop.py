@@ -78,9 +78,8 @@ def resolve_device(name: str) -> torch.device:
             raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available here")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            seen = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-            raise RuntimeError(f"device {name!r} was asked for, but this process sees {count} CUDA "
-                               f"device{'s' if count > 1 else ''} ({seen})")
+            seen = {0: "no CUDA device", 1: "1 CUDA device (cuda:0)"}.get(count, f"{count} CUDA devices (cuda:0 to cuda:{count - 1})")
+            raise RuntimeError(f"device {name!r} was asked for, but this process sees {seen}")
     return device
 
 
