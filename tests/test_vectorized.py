@@ -815,12 +815,14 @@ def test_vectorize_defaults_and_round_trip(tmp_path) -> None:
 # --- end to end: the CLI, Redis, two workers ---------------------------------------------------
 
 
-def population_file(tmp_path, name: str, width: Any = 4) -> str:
+def population_file(tmp_path, name: str, width: Any = 4, epochs: int | None = None) -> str:
     """The shipped digits study, short, in population mode; the low-lr baseline is pruned at epoch 1."""
     from test_e2e import FAST, SLOW_BASELINE
 
     path = study_file(tmp_path, name, **FAST)
     raw = yaml.safe_load(path.read_text())
+    if epochs is not None:
+        raw["trainer"]["epochs"] = epochs
     # Four baseline trials of one architecture: the first worker's first ask is a group of four.
     raw["baseline"] = [SLOW_BASELINE, *({**SLOW_BASELINE, "lr": lr, "optimizer": {"name": "adam", "beta1": 0.9}}
                                         for lr in (0.003, 0.01, 0.02))]
@@ -904,7 +906,9 @@ def test_hpo_run_in_population_mode(tmp_path) -> None:
 @pytest.mark.e2e
 def test_two_population_workers_share_a_study_on_redis(tmp_path, redis_url: str) -> None:
     name = "pop-redis"
-    created = hpo("create", population_file(tmp_path, name), "--storage", redis_url, cwd=tmp_path)
+    # Groups of small MLPs train fast: enough epochs that the worker up first cannot finish the
+    # study while the other still imports torch.
+    created = hpo("create", population_file(tmp_path, name, epochs=150), "--storage", redis_url, cwd=tmp_path)
     assert created.returncode == 0, created.stderr
     workers = [
         subprocess.Popen([sys.executable, "-m", "hpo", "worker", "--study", name, "--storage", redis_url, "--threads", "1",
