@@ -181,6 +181,13 @@ def test_trainer_optimizer_monitor_and_seed_that_would_fail_every_trial(tmp_path
     ]
 
 
+def test_a_device_that_is_no_device_name_is_reported_with_its_line(tmp_path: Path) -> None:
+    for device in ("cuda:abc", "cuda:", "gpu"):
+        assert problems(tmp_path, VALID.replace("  epochs: 2\n", f"  epochs: 2\n  device: '{device}'\n")) == [
+            f"FILE:10: trainer.device: device must be auto, cpu, cuda or cuda:N but got '{device}' "
+            "(expected a valid trainer setting)"]
+
+
 def test_grid_over_a_continuous_space_is_one_line(tmp_path: Path) -> None:
     assert problems(tmp_path, VALID.replace("sampler: tpe", "sampler: {name: grid, options: {}}")) == [
         "FILE:6: study.sampler: grid needs a space without branches whose parameters are all discrete "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +116,7 @@ class TrainerConfig:
         check_label_smoothing(self.label_smoothing)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1 but got {self.threads!r}.")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N but got {self.device!r}.")
         if str(self.precision) not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} but got {self.precision!r}.")
