@@ -45,12 +45,8 @@ def _main(argv: Sequence[str] | None) -> int:
         code = args.handler(args)
         sys.stdout.flush()  # a reader that left is found here, not by Python's flush at exit
         return code
-    except ConfigError as err:
-        for problem in err.problems:
-            print(problem, file=sys.stderr)
-        return EXIT_USAGE
-    except (StorageError, StudyError, TaskImportError, SupervisorError, DashboardError) as err:
-        print(f"hpo: error: {err}", file=sys.stderr)
+    except (ConfigError, StorageError, StudyError, TaskImportError, SupervisorError, DashboardError) as err:
+        _print_user_error(err)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("hpo: interrupted", file=sys.stderr)
@@ -73,6 +69,12 @@ def _main(argv: Sequence[str] | None) -> int:
             print(scrub(traceback.format_exc()), file=sys.stderr)
         print(f"hpo: error: {scrub(f'{type(err).__name__}: {err}')} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _print_user_error(err: ValueError) -> None:
+    """A user's error as the CLI gives it: a config's problems a line each, anything else in one line."""
+    problems = getattr(err, "problems", None)  # `ConfigError`'s
+    print(*(problems or [f"hpo: error: {err}"]), sep="\n", file=sys.stderr)
 
 
 def _reader_left() -> bool:
@@ -293,12 +295,9 @@ def _child_worker(study_name: str, url: str, index: int, threads: int) -> None:
         from hpo.storage import StorageError
         from hpo.task import TaskImportError
 
-        if isinstance(err, ConfigError):
-            print(*err.problems, sep="\n", file=sys.stderr)
-        elif isinstance(err, (StorageError, StudyError, TaskImportError)):
-            print(f"hpo: error: {err}", file=sys.stderr)  # one line, as the main process gives it
-        else:
+        if not isinstance(err, (ConfigError, StorageError, StudyError, TaskImportError)):
             raise
+        _print_user_error(err)  # as the main process gives it
         sys.exit(EXIT_USAGE)
     sys.exit(EXIT_INTERRUPTED if summary.interrupted == "SIGINT" else 0)
 

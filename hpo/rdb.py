@@ -231,17 +231,24 @@ class FastRDBStorage(RDBStorage):
                 self._check_distribution(conn, trial.study_id, param_name, distribution, previous_distribution)
                 conn.execute(_NEW_PARAM, row)
             return
-        # The distribution is checked before the write, which is then one statement. As Optuna,
-        # a finished or unknown trial is the error rather than the distribution; and only a
-        # distribution written is the one the parameter's later ones must match.
+        # The distribution is checked before the write, which is then one statement.
+        self._check_before_writing(trial_id, study_id, [(param_name, distribution, previous_distribution)])
+        self._write_unfinished(_new_param(self._dialect), row)
+        self._distributions.setdefault((study_id, param_name), distribution)
+
+    def _check_before_writing(self, trial_id: int, study_id: int, params: Sequence[tuple[
+            str, distributions.BaseDistribution, distributions.BaseDistribution | None]]) -> None:
+        """Raises where a parameter's distribution cannot join the study's (name, distribution, the
+        study's where the caller knows it). As Optuna, a finished or unknown trial is the error
+        rather than the distribution; and only a distribution written is the one the parameter's
+        later ones must match, so none is recorded here."""
         try:
-            self._check_distribution(None, study_id, param_name, distribution, previous_distribution, record=False)
+            for name, distribution, previous in params:
+                self._check_distribution(None, study_id, name, distribution, previous, record=False)
         except ValueError:
             with self._transaction(single=True) as conn:
                 self._check_updatable(conn, trial_id)
             raise
-        self._write_unfinished(_new_param(self._dialect), row)
-        self._distributions.setdefault((study_id, param_name), distribution)
 
     def set_trial_params(self, trial_id: int, params: Sequence[tuple[str, float, distributions.BaseDistribution,
                                                                      distributions.BaseDistribution | None]]) -> None:
@@ -253,13 +260,8 @@ class FastRDBStorage(RDBStorage):
             for param in params:
                 self._set_trial_param(trial_id, *param)
             return
-        try:
-            for name, _, distribution, previous in params:
-                self._check_distribution(None, study_id, name, distribution, previous, record=False)
-        except ValueError:
-            with self._transaction(single=True) as conn:
-                self._check_updatable(conn, trial_id)
-            raise
+        self._check_before_writing(trial_id, study_id, [(name, distribution, previous)
+                                                        for name, _, distribution, previous in params])
         for start in range(0, len(params), _PARAMS_PER_STATEMENT):
             chunk = params[start : start + _PARAMS_PER_STATEMENT]
             row: dict[str, Any] = {"trial_id": trial_id}
