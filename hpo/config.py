@@ -28,7 +28,7 @@ SECTIONS = {"study", "trainer", "task", "space", "baseline"}
 STUDY_KEYS = {"name", "direction", "directions", "metric", "metrics", "n_trials", "timeout", "seed", "sampler", "pruner",
               "heartbeat_interval", "grace_period", "max_retries", "storage_patience", "oom_retries", "vectorize",
               "ask_ahead"}
-VECTORIZE_KEYS = {"width", "data", "max_width", "lookahead"}
+VECTORIZE_KEYS = {"width", "data", "max_width", "lookahead", "pad"}
 VECTORIZE_DATA = ("shared", "per_slot")
 TASK_KEYS = {"model", "data", "kind", "train_step", "eval_step", "metrics"}
 TRAINER_KEYS = {f.name for f in dataclasses.fields(TrainerConfig)}
@@ -43,6 +43,9 @@ class Vectorize:
     data: str = "shared"  # shared: one batch order for all slots; per_slot: each slot its trial's own order
     max_width: int = 64  # the largest width auto tries
     lookahead: int = 1  # the worker holds up to lookahead * width asked trials, to group them by architecture
+    # A trial may join a group whose model is up to `pad` times its own size, its hidden widths
+    # padded with zeros (plain MLPs only); 1 stacks equal shapes only.
+    pad: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -273,7 +276,7 @@ def _study(raw: dict, space: space_mod.Group, task: TaskConfig | None, top_k: in
 
 
 def _vectorize(raw: Any, path: tuple, report: Callable) -> Vectorize | None:
-    """``vectorize: {width: K | auto, data: shared | per_slot, max_width: N, lookahead: L}``; null turns it off."""
+    """``vectorize: {width: K | auto, data: shared | per_slot, max_width: N, lookahead: L, pad: P}``; null turns it off."""
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
@@ -298,7 +301,10 @@ def _vectorize(raw: Any, path: tuple, report: Callable) -> Vectorize | None:
     lookahead = _number(raw, path, "lookahead", int, report, minimum=1)
     if "lookahead" in raw and lookahead is None:
         ok = False
-    return Vectorize(width, data, max_width or 64, lookahead or 1) if ok else None
+    pad = _number(raw, path, "pad", (int, float), report, minimum=1)
+    if "pad" in raw and pad is None:
+        ok = False
+    return Vectorize(width, data, max_width or 64, lookahead or 1, float(pad or 1)) if ok else None
 
 
 def _task(raw: dict, report: Callable, import_task: bool = True) -> TaskConfig | None:

@@ -2,8 +2,9 @@
 architecture, and trains each group as one stacked model (`trainers.vectorized`).
 
 - **Grouping.** Each asked trial's model is built at once, under the trial's seed (the same
-  weights it would start from alone), and trials whose models have the same signature (parameter
-  names and shapes, module types) form a group. Optimizer and its hyperparameters, schedule,
+  weights it would start from alone), and trials whose models have the same architecture
+  (parameter names and shapes, module types) form a group; with ``vectorize.pad`` above 1, so do
+  plain MLPs whose hidden widths differ, padded with zeros to the widest (`vectorized.architecture`). Optimizer and its hyperparameters, schedule,
   dropout rate, label smoothing and gradient-clip value vary per slot. A trial whose model or
   hyperparameters cannot be stacked runs alone, as in the ordinary worker.
 - **Reporting and pruning per slot.** After every validation each slot reports to its own trial
@@ -68,7 +69,7 @@ class Member:
     params: dict[str, Any]
     seed: int | None
     model: torch.nn.Module | None = None
-    signature: tuple | None = None  # None: runs alone
+    arch: vectorized.Architecture | None = None  # None: runs alone
     reason: str | None = None  # why it runs alone, when stacking was ruled out
 
 
@@ -92,6 +93,7 @@ class Population:
         self.asks_ahead = asks_ahead(config, study._storage)
         self.pending: Future | None = None  # trials asked ahead on the storage thread, for the next refills
         self.freed = 0  # slots ended in this epoch of the group and not yet refilled
+        self.group_arch: vectorized.Architecture | None = None  # of the group training: its widest shapes
         self.signals = Signals()  # SIGINT or SIGTERM, noted while a group trains
         self.warned: set[str] = set()
         # Reports, attributes and results are written from this thread while the group trains.
@@ -121,7 +123,7 @@ class Population:
             if not self.pool:
                 return
             group = self._next_group()
-            if group[0].signature is None or self.solo_reason:
+            if group[0].arch is None or self.solo_reason:
                 self._solo_all(group)
             else:
                 self._train(group)
@@ -170,7 +172,7 @@ class Population:
         whose last epoch this is (those that pruning frees are asked for when they are)."""
         if not self.asks_ahead or self.pending is not None or self.budget_spent or self.signals.name:
             return  # (with a signal noted, the group stops before this epoch's first batch)
-        waiting = sum(m.signature == self.group_signature for m in self.pool)
+        waiting = sum(self._joins(m, self.group_arch) for m in self.pool)
         n = sum(s.epoch + 1 >= self.trainer_config.epochs for s in slots) - waiting
         if n > 0:
             self.pending = self.behind.submit(partial(self._asked, n, sample=True))
@@ -227,7 +229,7 @@ class Population:
                 objective.seed_torch(seed)  # the weights this trial would start from alone
             member.model = self.task.model(params, self.task.data(params))
             vectorized.check_model(member.model)
-            member.signature = vectorized.signature(member.model)
+            member.arch = vectorized.architecture(member.model)
         except NotVectorizable as err:
             member.model, member.reason = None, str(err)
         except Exception:  # the factory's own error is recorded when the trial runs alone
@@ -235,20 +237,28 @@ class Population:
         return member
 
     def _next_group(self) -> list[Member]:
-        """The largest set of waiting trials with one signature (the oldest wins a tie), up to K."""
-        groups: dict[Any, list[Member]] = {}
-        for member in self.pool:
-            key = member.signature if member.signature is not None else ("solo", member.trial.number)
-            groups.setdefault(key, []).append(member)
-        best = max(groups.values(), key=lambda g: (len(g), -g[0].trial.number))[: self.width]
+        """The largest set of waiting trials that stack, up to K, the oldest first: of one
+        architecture, or padded to the widest of them within `vectorize.pad`. A tie goes to the
+        group with the oldest trial."""
+        groups = [[m] for m in self.pool if m.arch is None]  # each runs alone
+        for anchor in self.pool:  # each the widest of a group: those that may pad to it
+            if anchor.arch is not None:
+                groups.append([m for m in self.pool if self._joins(m, anchor.arch)][: self.width])
+        best = max(groups, key=lambda g: (len(g), -min(m.trial.number for m in g)))
         self.pool = [m for m in self.pool if m not in best]
         return best
+
+    def _joins(self, member: Member, group: vectorized.Architecture) -> bool:
+        """Whether `member` may train in a group of architecture `group`: the same, or its hidden
+        widths padded to the group's at no more than `vectorize.pad` times its own size."""
+        arch = member.arch
+        return arch is not None and arch.fits(group) and group.size <= self.vectorize.pad * arch.size
 
     # -- one stacked group ----------------------------------------------------------------------
 
     def _train(self, group: list[Member]) -> None:
         self.active = list(group)
-        self.group_signature = group[0].signature
+        self.group_arch = vectorized.widest([m.arch for m in group])
         self.freed = 0
         for member in group:
             self._record_start(member, len(group))
@@ -312,12 +322,12 @@ class Population:
         self.freed = max(0, freed - 1)
         if self.summary.interrupted or self.signals.name:
             return None
-        match = next((m for m in self.pool if m.signature == self.group_signature), None)
+        match = next((m for m in self.pool if self._joins(m, self.group_arch)), None)
         room = self.holding - len(self.active) - len(self.pool)
         if match is None and room > 0:
             # One ask for every slot freed in this epoch (the refills come after all their ends).
             new = self._ask(max(1, min(freed, room)))
-            match = next((m for m in new if m.signature == self.group_signature), None)
+            match = next((m for m in new if self._joins(m, self.group_arch)), None)
         if match is None:
             return None
         self.pool.remove(match)
@@ -365,7 +375,7 @@ class Population:
 
         if member.reason:
             self._warn(member.reason)
-        self._record_start(member, 1)
+        self._record_start(member, 1, stacked=False)
         self.behind.wait()  # alone, the trial is told from here: after its start is recorded
         self.active = [member]
         self._beat()
@@ -403,8 +413,10 @@ class Population:
             frozen = persist(partial(self.study._storage.get_trial, member.trial._trial_id), "reading a trial", self.patience)
             self.on_trial(frozen, self.config)
 
-    def _record_start(self, member: Member, group_size: int) -> None:
-        info = {"width": self.width, "auto": self.vectorize.width == "auto", "data": self.vectorize.data}
+    def _record_start(self, member: Member, group_size: int, *, stacked: bool = True) -> None:
+        # `padding`: the group's model size over the trial's own (1: its own shapes).
+        padding = round(self.group_arch.size / member.arch.size, 2) if stacked else 1.0
+        info = {"width": self.width, "auto": self.vectorize.width == "auto", "data": self.vectorize.data, "padding": padding}
         for key, value in (("hpo:vectorize", info), ("hpo:vectorized_width", group_size)):
             overlap.persisted(self.behind.write, partial(member.trial.set_user_attr, key, value), "starting a trial", self.patience)
 
@@ -426,7 +438,7 @@ class Population:
     def _choose_width(self) -> int:
         """`auto`: a short probe on the device with copies of the first trial's model."""
         vz = self.vectorize
-        first = next((m for m in self.pool if m.signature is not None), None)
+        first = next((m for m in self.pool if m.arch is not None), None)
         if first is None or self.solo_reason:
             return 1
         # With a budget of n trials, more than n/4 at once would leave the sampler fewer than four

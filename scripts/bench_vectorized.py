@@ -12,7 +12,7 @@ storage; side by side in one run. Two search spaces:
 For each: wall time, trials per hour, the ratio, the best value reached (study quality), the
 time until a target accuracy was first reached, and the mean group size.
 
-    python scripts/bench_vectorized.py [--trials 40] [--epochs 20] [--width 8|auto] [--lookahead 1] [--rounds 3] [--spaces shipped fixed-arch] [--seeds 0 1 2]
+    python scripts/bench_vectorized.py [--trials 40] [--epochs 20] [--width 8|auto] [--lookahead 1] [--pad 1 3] [--rounds 3] [--spaces shipped fixed-arch] [--seeds 0 1 2]
 
 What stacking gains per architecture of the shipped space (one model alone against K copies):
 
@@ -54,7 +54,7 @@ MODELS = {
     "conv": ("digits_conv.yaml", {"blocks": 2, "channels": 16, "activation": "relu", "dropout": DROPOUT}),
 }
 # The run's settings: device, precision and the population's lookahead.
-SETTINGS = {"lookahead": 1, "device": "cpu", "precision": "32", "ask_ahead": False, "seed": 0}
+SETTINGS = {"lookahead": 1, "device": "cpu", "precision": "32", "ask_ahead": False, "seed": 0, "pad": None}
 
 
 def study_raw(space: str, trials: int, epochs: int, width: str | None, model: str = "mlp") -> dict:
@@ -69,6 +69,9 @@ def study_raw(space: str, trials: int, epochs: int, width: str | None, model: st
         raw["baseline"][0]["model"] = {"dropout": 0.1}
     if width is not None:
         raw["study"]["vectorize"] = {"width": width if width == "auto" else int(width), "lookahead": SETTINGS["lookahead"]}
+        if SETTINGS["pad"] is not None:
+            raw["study"]["vectorize"]["pad"] = SETTINGS["pad"]
+            raw["study"]["name"] += f"-pad{SETTINGS['pad']}"
     return raw
 
 
@@ -163,6 +166,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--width", default="8", help="population width, or auto")
     parser.add_argument("--lookahead", type=int, default=1, help="population mode's lookahead")
+    parser.add_argument("--pad", type=float, nargs="+", default=[None],
+                        help="population mode's pad (default: the study's default); several: each its own population run, side by side")
     parser.add_argument("--rounds", type=int, default=3, help="runs per side; the median is shown")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="study seeds (the sampler's, and the trials' torch seeds): each its own study, so its "
@@ -194,18 +199,21 @@ def main() -> None:
             for space in args.spaces:
                 for seed in args.seeds:
                     SETTINGS["seed"] = seed
-                    runs: dict[str, list[dict]] = {"solo": [], "vec": []}
+                    runs: dict[object, list[dict]] = {"solo": [], **{pad: [] for pad in args.pad}}
                     for r in range(args.rounds):
                         # Alternating which side goes first, so drifting machine load hits both alike.
-                        order = [("solo", None), ("vec", args.width)][:: 1 if r % 2 == 0 else -1]
+                        order = [("solo", None), *((pad, args.width) for pad in args.pad)][:: 1 if r % 2 == 0 else -1]
                         for mode, width in order:
+                            SETTINGS["pad"] = None if mode == "solo" else mode
                             runs[mode].append(run(space, args.trials, args.epochs, width, args.target, tmp, r, model))
-                    # Each round's ratio, solo and population side by side: drifts of the machine's speed
-                    # that outlast a round cancel out here, not in the medians of each side apart.
-                    paired = [(v["per_hour"] / s["per_hour"], v["epochs_per_s"] / s["epochs_per_s"])
-                              for s, v in zip(runs["solo"], runs["vec"])]
-                    label = f"{model} {space}" + (f", seed {seed}" if len(args.seeds) > 1 else "")
-                    rows.append((label, median_run(runs["solo"]), median_run(runs["vec"]), paired, f"{model} {space}"))
+                    for pad in args.pad:
+                        # Each round's ratio, solo and population side by side: drifts of the machine's speed
+                        # that outlast a round cancel out here, not in the medians of each side apart.
+                        paired = [(v["per_hour"] / s["per_hour"], v["epochs_per_s"] / s["epochs_per_s"])
+                                  for s, v in zip(runs["solo"], runs[pad])]
+                        variant = f", pad {pad:g}" if len(args.pad) > 1 else ""
+                        label = f"{model} {space}{variant}" + (f", seed {seed}" if len(args.seeds) > 1 else "")
+                        rows.append((label, median_run(runs["solo"]), median_run(runs[pad]), paired, f"{model} {space}{variant}"))
     where = "CPU, 1 thread" if args.device == "cpu" else f"{torch.cuda.get_device_name(args.device)}, {args.precision}"
     print(f"digits {'/'.join(args.model)}, {args.trials} trials x {args.epochs} epochs, {where}, "
           f"TPE seed{'s' if len(args.seeds) > 1 else ''} {', '.join(map(str, args.seeds))}, "

@@ -3,7 +3,7 @@
 # CI has no GPU; run this on a machine with one (hpo installed, pytest, lightning and
 # pytorch-ignite for the loop benchmark). Logs go to $OUT (default ./gpu-check).
 #
-#   bash scripts/gpu_check.sh [tests] [loop] [vectorized] [seeds] [architectures]     (the first three when none is named)
+#   bash scripts/gpu_check.sh [tests] [loop] [vectorized] [seeds] [architectures] [pad]     (the first three when none is named)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
 OUT=${OUT:-gpu-check}
@@ -28,6 +28,9 @@ for part in $parts; do
     # ... and the written-out backward against autograd's, stacked against alone, per architecture.
     architectures) timeout 250 python3 scripts/bench_vectorized.py --architectures --device cuda --precision bf16-mixed \
                      --widths 8 32 2>&1 | tee "$OUT/bench_architectures.txt" ;;
+    # ... and the shipped MLP space (12 architectures) with hidden widths padded or not, side by side.
+    pad) timeout 290 python3 scripts/bench_vectorized.py --device cuda --precision bf16-mixed --model mlp \
+           --spaces shipped --width 32 --trials 128 --epochs 10 --rounds 1 --pad 1 3 16 2>&1 | tee "$OUT/bench_pad.txt" ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
   rc=$?

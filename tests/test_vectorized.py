@@ -32,6 +32,7 @@ from trainers.vectorized import (
     StackedOptimizer,
     StackedTrainer,
     Stopped,
+    architecture,
     check_hparams,
     fit_stacked,
     signature,
@@ -204,6 +205,74 @@ def test_grouped_training_gives_each_trial_its_solo_curve_and_weights(make) -> N
         assert_as_alone(trainer.slots[i], trainer.model.slot_state_dict(i), state)
 
 
+def test_mlps_of_other_hidden_widths_train_padded_in_one_group_each_with_its_solo_curve_and_weights() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=4, batch_size=32, device="cpu", gradient_clip_val=1.0)
+    seeds = [51, 52, 53, 54, 55, 56, 57]
+    widths = [16, 8, 12, 4, 16, 6, 10]
+    # Every optimizer kind (weight decay included) and every activation that maps 0 to 0.
+    acts = [nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.ReLU, nn.ELU, nn.LeakyReLU]
+    models = [mlp(s, width=w, act=a) for s, w, a in zip(seeds, widths, acts)]
+    trainer = grouped_run(models, HPARAMS, seeds, data, config)
+    stacked = trainer.model
+    assert stacked.params["3.weight"].shape == (7, 16, 16) and stacked.slot_shapes[0] is None
+    assert stacked.slot_shapes[1]["3.weight"] == (8, 8)
+    for i, (model, seed) in enumerate(zip(models, seeds)):
+        state = solo_run(model, data, dataclasses.replace(config, seed=seed), HPARAMS[i])
+        assert_as_alone(trainer.slots[i], stacked.slot_state_dict(i), state)
+        # The padding is still exactly zero after every update.
+        w = widths[i]
+        for name in ("0.weight", "0.bias", "3.bias"):
+            assert not stacked.params[name][i][w:].any()
+        assert not stacked.params["3.weight"][i][w:].any() and not stacked.params["3.weight"][i][:, w:].any()
+        assert not stacked.params["5.weight"][i][:, w:].any()
+
+
+def test_what_padding_can_stack_and_what_it_cannot() -> None:
+    narrow, wide = architecture(mlp(0, width=8)), architecture(mlp(0, width=16))
+    assert narrow.fits(wide) and not wide.fits(narrow) and narrow.size < wide.size
+    # Hidden widths may differ layer by layer: the group takes each layer's widest.
+    a = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    b = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    group = StackedModel([a, b], torch.device("cpu"))
+    assert group.params["2.weight"].shape == (2, 16, 16)
+    assert {k: tuple(v.shape) for k, v in group.slot_state_dict(1).items()} == {k: tuple(v.shape) for k, v in b.state_dict().items()}
+    # Sigmoid(0) = 0.5: a padded unit would feed the next layer. At the group's full width it stacks.
+    sigmoid = mlp(1, width=8, act=nn.Sigmoid)
+    assert not architecture(sigmoid).fits(wide)
+    with pytest.raises(NotVectorizable, match="another architecture"):
+        StackedModel([mlp(0, width=16), sigmoid], torch.device("cpu"))
+    StackedModel([mlp(1, width=16, act=nn.Sigmoid), mlp(0, width=8)], torch.device("cpu"))
+    # Another layer count, other inputs or outputs, or a model off the batched path: no.
+    assert not architecture(nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))).fits(wide)
+    assert not architecture(mlp(0, width=8, features=10)).fits(wide)
+    out8 = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    assert not architecture(mlp(0, width=16)).fits(architecture(out8))
+    norm = [nn.Sequential(nn.Linear(12, w), nn.BatchNorm1d(w), nn.ReLU(), nn.Linear(w, 4)) for w in (8, 16)]
+    assert not architecture(norm[0]).fits(architecture(norm[1]))
+
+
+def test_a_padded_slot_is_refilled_with_a_wider_model_and_a_full_one_with_a_narrower() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=3, batch_size=32, device="cpu")
+    slots = [Slot("a", HPARAMS[0], 61, callbacks=[StopAt(0)]), Slot("b", HPARAMS[1], 62, callbacks=[StopAt(0)])]
+    fresh = {"a": ("c", 8, 63, HPARAMS[2]), "b": ("d", 16, 64, HPARAMS[0])}
+    ended: list[Slot] = []
+
+    def refill(slot: Slot):
+        if slot.key not in fresh:
+            return None
+        key, width, seed, hparams = fresh[slot.key]
+        return mlp(seed, width=width), Slot(key=key, hparams=hparams, seed=seed)
+
+    fit_stacked([mlp(61, width=16), mlp(62, width=4)], slots, data, config, per_slot_data=True, refill=refill,
+                on_slot_end=ended.append)
+    by_key = {s.key: s for s in ended}
+    for key, width, seed, hparams in fresh.values():
+        state = solo_run(mlp(seed, width=width), data, dataclasses.replace(config, seed=seed), hparams)
+        assert_as_alone(by_key[key], None, state)
+
+
 def test_each_slot_follows_its_own_learning_rate_schedule_as_fit_does() -> None:
     data = toy_data()
     config = trainers.TrainerConfig(epochs=4, batch_size=32, device="cpu", scheduler={"name": "cosine", "warmup_steps": 5})
@@ -232,9 +301,12 @@ OPTION_HPARAMS = [  # the options whose state or first step differs: amsgrad, ce
 ]
 
 
-@pytest.mark.parametrize("schedule, options", [(None, False), ({"name": "cosine", "warmup_steps": 5}, False), (None, True)],
-                         ids=["constant", "cosine", "optimizer options"])
-def test_a_trial_resumes_alone_from_the_checkpoint_its_slot_wrote(tmp_path, schedule, options) -> None:
+@pytest.mark.parametrize("schedule, options, widths", [
+    (None, False, [16] * 5), ({"name": "cosine", "warmup_steps": 5}, False, [16] * 5), (None, True, [16] * 5),
+    # Padded slots write their own shapes, weights and optimizer state (amsgrad's, centered RMSprop's).
+    (None, True, [8, 16, 4, 12, 6]), (None, False, [12, 4, 16, 8, 6]),
+], ids=["constant", "cosine", "optimizer options", "padded, options", "padded"])
+def test_a_trial_resumes_alone_from_the_checkpoint_its_slot_wrote(tmp_path, schedule, options, widths) -> None:
     data = toy_data()
     config = trainers.TrainerConfig(epochs=4, batch_size=32, device="cpu", scheduler=schedule)
     seeds = [41, 42, 43, 44, 45]
@@ -251,14 +323,14 @@ def test_a_trial_resumes_alone_from_the_checkpoint_its_slot_wrote(tmp_path, sche
     slots[0].callbacks.append(Watch())
     # As a worker told to stop: the group ends before the third epoch's first batch.
     with pytest.raises(Stopped):
-        fit_stacked([mlp(s) for s in seeds], slots, data, config, per_slot_data=True,
+        fit_stacked([mlp(s, width=w) for s, w in zip(seeds, widths)], slots, data, config, per_slot_data=True,
                     stop=lambda: all(slot.epoch == 2 for slot in slots))
     assert seen == ["Stopped"]  # as `fit` tells its callbacks of an interruption
     for i, seed in enumerate(seeds):
         directory = tmp_path / f"slot-{i}"
         assert checkpoint_mod.load(directory / "last.pt")["epoch"] == 1 and (directory / "best.pt").exists()
-        straight = solo_run(mlp(seed), data, dataclasses.replace(config, seed=seed), hparams[i])
-        resumed = solo_run(mlp(99), data, dataclasses.replace(config, seed=seed, checkpoint_dir=str(directory)), hparams[i])
+        straight = solo_run(mlp(seed, width=widths[i]), data, dataclasses.replace(config, seed=seed), hparams[i])
+        resumed = solo_run(mlp(99, width=widths[i]), data, dataclasses.replace(config, seed=seed, checkpoint_dir=str(directory)), hparams[i])
         assert resumed.resumed and len(resumed.history) == 4
         for a, b in zip(straight.history, resumed.history, strict=True):
             for name, value in a.items():
@@ -721,7 +793,7 @@ def test_population_groups_one_ask_by_architecture_and_each_trial_keeps_its_solo
     # One ask of five: widths 8 (three trials) and 16 (two) trained as two groups.
     assert [t.user_attrs["hpo:vectorized_width"] for t in trials] == [3, 2, 3, 2, 3]
     for t in trials:
-        assert t.user_attrs["hpo:vectorize"] == {"width": 5, "auto": False, "data": "per_slot"}
+        assert t.user_attrs["hpo:vectorize"] == {"width": 5, "auto": False, "data": "per_slot", "padding": 1.0}
         assert t.user_attrs["hpo:worker"] and t.user_attrs["hpo:seeds"] == {"sampler": 3}
         assert set(t.user_attrs["hpo:metrics"]) >= {"val_accuracy", "val_loss", "train_loss"}
     # Per-slot data order and the trial's seed: the same curve as the trial trained alone.
@@ -731,6 +803,24 @@ def test_population_groups_one_ask_by_architecture_and_each_trial_keeps_its_solo
         for step, value in alone.intermediate_values.items():
             assert grouped.intermediate_values[step] == pytest.approx(value, abs=1e-6)
         assert grouped.user_attrs["hpo:metrics"]["val_loss"] == pytest.approx(alone.user_attrs["hpo:metrics"]["val_loss"], rel=1e-4)
+
+
+def test_population_pads_narrower_trials_into_one_group_within_pad_and_each_keeps_its_solo_curve(tmp_path) -> None:
+    vec, summary = run_study(pop_study(tmp_path, "pad", vectorize={"width": 5, "data": "per_slot", "pad": 2.5}, baseline=MIXED,
+                                       n_trials=5), str(tmp_path / "pad.journal"), "pad")
+    solo, _ = run_study(pop_study(tmp_path, "solo", vectorize=None, baseline=MIXED, n_trials=5), str(tmp_path / "solo.journal"), "solo")
+    assert summary.states == {"COMPLETE": 5}
+    trials = vec.get_trials()
+    # Widths 8 and 16 in one group of five: a width-8 model padded to 16 is 1.98 times its size.
+    assert [t.user_attrs["hpo:vectorized_width"] for t in trials] == [5] * 5
+    assert [t.user_attrs["hpo:vectorize"]["padding"] for t in trials] == [1.98, 1.0, 1.98, 1.0, 1.98]
+    for grouped, alone in zip(trials, solo.get_trials(), strict=True):
+        for step, value in alone.intermediate_values.items():
+            assert grouped.intermediate_values[step] == pytest.approx(value, abs=1e-6)
+    # Under a pad of 1.9 they may not share a group: two groups, as with equal shapes only.
+    vec, _ = run_study(pop_study(tmp_path, "tight", vectorize={"width": 5, "pad": 1.9}, baseline=MIXED, n_trials=5),
+                       str(tmp_path / "tight.journal"), "tight")
+    assert [t.user_attrs["hpo:vectorized_width"] for t in vec.get_trials()] == [3, 2, 3, 2, 3]
 
 
 def test_population_prunes_a_slot_at_epoch_2_and_refills_it_with_a_trial_that_starts_at_epoch_0(tmp_path) -> None:
@@ -787,7 +877,8 @@ def test_auto_width_is_measured_and_recorded(tmp_path, capfd) -> None:
 @pytest.mark.parametrize(("vectorize", "expected"), [
     ("{width: 0}", "study.vectorize.width: 0 is not a positive integer or auto (expected an integer >= 1 or auto)"),
     ("{width: fast}", "study.vectorize.width: 'fast' is not a positive integer or auto (expected an integer >= 1 or auto)"),
-    ("{widht: 4}", "study.vectorize.widht: unknown key; did you mean width? (expected one of data, lookahead, max_width, width)"),
+    ("{widht: 4}", "study.vectorize.widht: unknown key; did you mean width? (expected one of data, lookahead, max_width, pad, width)"),
+    ("{width: 4, pad: 0.5}", "study.vectorize.pad: 0.5 is not a number >= 1 (expected a number >= 1)"),
     ("{width: 4, lookahead: 0}", "study.vectorize.lookahead: 0 is not an integer >= 1 (expected an integer >= 1)"),
     ("{width: 4, data: per-slot}", "study.vectorize.data: 'per-slot' is not a data mode; did you mean per_slot? (expected shared or per_slot)"),
     ("{width: 4, max_width: 8}", "study.vectorize.max_width: max_width bounds auto only (expected width: auto, or no max_width)"),
@@ -808,7 +899,7 @@ def test_vectorize_defaults_and_round_trip(tmp_path) -> None:
     path = tmp_path / "study.yaml"
     path.write_text(text)
     config = load_config(str(path))
-    assert config.study.vectorize == Vectorize(width="auto", data="shared", max_width=64, lookahead=1)
+    assert config.study.vectorize == Vectorize(width="auto", data="shared", max_width=64, lookahead=1, pad=1.0)
     assert config_from_dict(json.loads(json.dumps(config.raw)), "stored").study == config.study
 
 

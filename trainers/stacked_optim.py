@@ -129,26 +129,29 @@ class StackedOptimizer:
         if found_inf is not None:
             self.counts.sub_(found_inf * self.counting)  # a skipped step does not count, as in torch.optim's fused Adam
 
-    def slot_state_dict(self, index: int) -> dict[str, Any]:
+    def slot_state_dict(self, index: int, shapes: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
         """Slot `index`'s state as the `state_dict()` of the torch optimizer that `fit` builds for
-        the trial, so that the trial run alone resumes from it."""
+        the trial, so that the trial run alone resumes from it. `shapes`: the slot's own parameter
+        shapes, in the order of the parameters, where it is padded (None: the stacked ones)."""
         kind = self.specs[index][0]
-        placeholders = [torch.empty(p.shape[1:]) for p in self.params]  # only their order and shapes count
+        own = shapes if shapes is not None else [p.shape[1:] for p in self.params]
+        placeholders = [torch.empty(shape) for shape in own]  # only their order and shapes count
+        region = [tuple(slice(0, n) for n in shape) for shape in own]
         optimizer = build_optimizer(placeholders, self.raw[index])
         if self.groups[index] is not None:  # a schedule's current values, and its initial_lr
             optimizer.param_groups[0].update({k: v for k, v in self.groups[index].items() if k != "params"})
         momentum = optimizer.param_groups[0].get("momentum")
         options = self.specs[index][1]
         for i, p in enumerate(placeholders):
-            step, m, v = self.steps[index], self.m[i][index], self.v[i][index]
+            step, m, v = self.steps[index], self.m[i][index][region[i]], self.v[i][index][region[i]]
             if kind in ("adam", "adamw"):
                 optimizer.state[p] = {"step": step, "exp_avg": m, "exp_avg_sq": v}
                 if options["amsgrad"]:
-                    optimizer.state[p]["max_exp_avg_sq"] = self.aux[i][index]
+                    optimizer.state[p]["max_exp_avg_sq"] = self.aux[i][index][region[i]]
             elif kind == "rmsprop":
                 optimizer.state[p] = {"step": step, "square_avg": v, **({"momentum_buffer": m} if momentum else {})}
                 if options["centered"]:
-                    optimizer.state[p]["grad_avg"] = self.aux[i][index]
+                    optimizer.state[p]["grad_avg"] = self.aux[i][index][region[i]]
             elif kind == "adagrad":
                 optimizer.state[p] = {"step": step, "sum": v}
             elif momentum:

@@ -98,6 +98,71 @@ def signature(model: nn.Module, *, exact: bool = False) -> tuple:
     return tensors, modules
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """A model's architecture as stacking sees it: `layout`, what must agree for two models to be
+    stacked (their `signature` with each tensor's sizes left out, and the first layer's inputs and
+    the last layer's outputs); `shapes`, each parameter's and buffer's; and whether its hidden
+    widths may be padded with zeros to a wider group's (`paddable`)."""
+
+    layout: tuple
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    paddable: bool
+
+    @property
+    def size(self) -> int:
+        """Its number of parameter and buffer elements: what a step costs, roughly, per slot."""
+        return sum(math.prod(shape) for _, shape in self.shapes)
+
+    def fits(self, group: Architecture) -> bool:
+        """Whether a model of this architecture can take a slot in `group` (shapes as the group's,
+        or narrower in its hidden widths and padded)."""
+        if self.layout != group.layout:
+            return False
+        if self.shapes == group.shapes:
+            return True
+        return self.paddable and all(a <= b for (_, mine), (_, theirs) in zip(self.shapes, group.shapes)
+                                     for a, b in zip(mine, theirs))
+
+
+def architecture(model: nn.Module) -> Architecture:
+    """`model`'s `Architecture`.
+
+    Padding is exact only on the batched-matmul path (a plain `nn.Sequential` of linear layers,
+    element-wise activations and dropout) and where each activation between two linear layers maps
+    0 to 0 (ReLU, GELU, tanh, SiLU, ...; not sigmoid or softplus). A padded hidden unit then has
+    zero weights in, zero bias, output 0 and zero weights out: it adds exactly 0 to the next layer,
+    its gradients are exactly 0, so its weights stay 0 under every stacked optimizer (weight decay
+    included), and the slot computes what its own model computes.
+    """
+    tensors, modules = signature(model)
+    plan = _sequential_plan(model)
+    linears = [i for i, (_, layer) in enumerate(plan or []) if type(layer) is nn.Linear]
+    ends = (plan[linears[0]][1].in_features, plan[linears[-1]][1].out_features) if linears else None
+    paddable = bool(linears) and all(_keeps_zero(layer) for i, (_, layer) in enumerate(plan)
+                                     if linears[0] < i < linears[-1] and type(layer) in ELEMENTWISE)
+    layout = (tuple((name, len(shape), dtype) for name, shape, dtype in tensors), modules, ends)
+    return Architecture(layout, tuple((name, shape) for name, shape, _ in tensors), paddable)
+
+
+def widest(architectures: Sequence[Architecture]) -> Architecture:
+    """The architecture that every one of `architectures` (of one layout) fits: each size the largest."""
+    first = architectures[0]
+    shapes = tuple((name, tuple(max(dims) for dims in zip(*(a.shapes[i][1] for a in architectures))))
+                   for i, (name, _) in enumerate(first.shapes))
+    return Architecture(first.layout, shapes, all(a.paddable for a in architectures))
+
+
+def _keeps_zero(module: nn.Module) -> bool:
+    with torch.no_grad():
+        return bool(_out_of_place(module)(torch.zeros(1)).eq(0).all())
+
+
+def _region(shape: Sequence[int]) -> tuple[slice, ...]:
+    """The index of a narrower tensor's place in its padded one (the leading corner)."""
+    return tuple(slice(0, n) for n in shape)
+
+
 def check_model(model: nn.Module) -> None:
     """Raises `NotVectorizable` for what is known not to stack, before any work."""
     for name, module in model.named_modules():
@@ -228,9 +293,11 @@ class StackedModel:
     def __init__(self, models: Sequence[nn.Module], device: torch.device, *, batched: bool | None = None) -> None:
         if not models:
             raise ValueError("no models to stack")
-        first = self._signature = signature(models[0])  # of the models as given: refills compare with it
-        for i, m in enumerate(models[1:], 1):
-            if signature(m) != first:
+        archs = [architecture(m) for m in models]
+        # The group's shapes: each the largest among the models; narrower models are padded with zeros.
+        self.architecture = widest(archs) if all(a.layout == archs[0].layout for a in archs) else archs[0]
+        for i, arch in enumerate(archs):
+            if not arch.fits(self.architecture):
                 raise NotVectorizable(f"model {i} has another architecture than model 0 (its signature differs)")
         for m in models:
             check_model(m)
@@ -239,9 +306,22 @@ class StackedModel:
         self.base = copy.deepcopy(swapped[0]).to("meta")
         if device.type == "cuda":
             _batch_norm_in_float32(self.base)
-        params, buffers = stack_module_state(swapped)
-        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
+        # Per slot: its own shapes where they are narrower than the group's (None: the group's).
+        self.slot_shapes = [None if a.shapes == self.architecture.shapes else dict(a.shapes) for a in archs]
+        if any(self.slot_shapes):
+            full = dict(self.architecture.shapes)
+            self.params = {name: torch.zeros((len(models), *full[name]), dtype=p.dtype, device=device)
+                           for name, p in swapped[0].named_parameters()}
+            self.buffers = {name: torch.stack([dict(m.named_buffers())[name] for m in swapped]) for name, _ in swapped[0].named_buffers()}
+            with torch.no_grad():
+                for k, m in enumerate(swapped):
+                    for name, value in m.named_parameters():
+                        self.params[name][k][_region(value.shape)].copy_(value)
+            self.params = {k: v.requires_grad_(True) for k, v in self.params.items()}
+        else:
+            params, buffers = stack_module_state(swapped)
+            self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+            self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
         self.dropouts = {name: m for name, m in self.base.named_modules() if isinstance(m, _SlotDropout)}
         self.plan = _sequential_plan(self.base) if batched is not False else None
         if self.plan is None and any(signature(m, exact=True) != signature(models[0], exact=True) for m in models):
@@ -333,18 +413,25 @@ class StackedModel:
             ]
 
     def load_slot(self, index: int, model: nn.Module) -> None:
-        """Copies `model`'s weights and buffers into slot `index` (a refill)."""
-        if signature(model) != self._signature:
+        """Copies `model`'s weights and buffers into slot `index` (a refill), padded with zeros
+        where its hidden widths are narrower than the group's."""
+        arch = architecture(model)
+        if not arch.fits(self.architecture):
             raise NotVectorizable("the new model has another architecture than the group")
+        padded = arch.shapes != self.architecture.shapes
         # Straight from the model, not from a copy with its dropout swapped: a refill then costs
         # a copy per tensor, not a deep copy of the module tree (4 ms per trial on the digits MLP).
         with torch.no_grad():
             for name, value in model.named_parameters():
-                self.params[name][index].copy_(value)
+                target = self.params[name][index]
+                if padded or self.slot_shapes[index] is not None:
+                    target.zero_()
+                target[_region(value.shape)].copy_(value)
             for name, value in model.named_buffers():
                 self.buffers[name][index].copy_(value)
             for name in self.dropouts:
                 self.buffers[f"{name}.p"][index] = float(model.get_submodule(name).p)
+        self.slot_shapes[index] = dict(arch.shapes) if padded else None
         for name, modules in self.activations.items():
             modules[index] = _out_of_place(getattr(model, name))  # element-wise, without tensors: any device
         self._sync_dropout()
@@ -356,14 +443,27 @@ class StackedModel:
         self.params = {k: v.detach().index_select(0, index).requires_grad_(True) for k, v in self.params.items()}
         self.buffers = {k: v.index_select(0, index) for k, v in self.buffers.items()}
         self.activations = {name: [modules[i] for i in indices] for name, modules in self.activations.items()}
+        self.slot_shapes = [self.slot_shapes[i] for i in indices]
         self._sync_dropout()
         self._sync_activations()
 
     def slot_state_dict(self, index: int) -> dict[str, torch.Tensor]:
-        """Slot `index`'s weights under the original model's names (dropout rates left out)."""
-        out = {k: v[index].detach().clone() for k, v in self.params.items()}
+        """Slot `index`'s weights under the original model's names and in its own shapes (dropout
+        rates left out)."""
+        out = {k: self.slot_view(index, k, v).detach().clone() for k, v in self.params.items()}
         out.update({k: v[index].clone() for k, v in self.buffers.items() if k.rsplit(".", 1)[0] not in self.dropouts})
         return out
+
+    def own_shapes(self, index: int) -> list[tuple[int, ...]] | None:
+        """Slot `index`'s parameter shapes, in the order of `parameters()`, where it is padded."""
+        shapes = self.slot_shapes[index]
+        return None if shapes is None else [shapes[name] for name in self.params]
+
+    def slot_view(self, index: int, name: str, stacked: torch.Tensor) -> torch.Tensor:
+        """Slot `index`'s part of `stacked`, a [K, ...] tensor shaped as parameter `name`: without
+        its padding."""
+        shapes = self.slot_shapes[index]
+        return stacked[index] if shapes is None else stacked[index][_region(shapes[name])]
 
     def _sync_dropout(self) -> None:
         self._keep: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -547,7 +647,7 @@ class StackedTrainer:
         try:
             scaler = _StateDict(self.scaler.slot_state_dict(index)) if self.scaler is not None else None
             state = State(model=_StateDict(self.model.slot_state_dict(index)),
-                          optimizer=_StateDict(self.optimizer.slot_state_dict(index)), config=self.config,
+                          optimizer=_StateDict(self.optimizer.slot_state_dict(index, self.model.own_shapes(index))), config=self.config,
                           device=self.device, epoch=slot.epoch, global_step=slot.global_step, metrics=slot.metrics,
                           history=slot.history, should_stop=slot.should_stop, stop_reason=slot.stop_reason,
                           schedule=slot.schedule, scaler=scaler, generator=slot.generator or self.generator,
@@ -952,4 +1052,6 @@ __all__ = [
     "fit_stacked",
     "probe_width",
     "signature",
+    "architecture",
+    "Architecture",
 ]
