@@ -527,7 +527,8 @@ def _number(raw: Mapping, path: tuple, key: str, kind: Any, report: Callable, mi
     if key not in raw or raw[key] is None:
         return None
     value = raw[key]
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum or (exclusive and value == minimum):
+    # `not value >= minimum`, not `value < minimum`: NaN compares false either way, and is refused.
+    if isinstance(value, bool) or not isinstance(value, kind) or not value >= minimum or (exclusive and value == minimum):
         what = "an integer" if kind is int else "a number"
         bound = f"> {minimum}" if exclusive else f">= {minimum}"
         report((*path, key), f"{value!r} is not {what} {bound} (expected {what} {bound})")

@@ -16,7 +16,7 @@ architecture, and trains each group as one stacked model (`trainers.vectorized`)
   trains the largest same-architecture set among them first: with 12 architectures in a space,
   K asked trials rarely share one. The price is that the sampler proposes that many trials before
   it sees their results.
-- **Refill.** A freed slot takes a waiting trial of the same architecture, or asks the sampler
+- **Refill.** A freed slot takes a waiting trial that fits the group (the least padded), or asks the sampler
   for one more (while the worker holds fewer than ``lookahead × K``); that trial starts from
   epoch 0 in the freed slot. A new trial of another
   architecture is not run solo at once but kept for the next group (it usually finds partners
@@ -58,6 +58,7 @@ from hpo.config import Config
 from hpo.outage import persist
 from hpo.worker import Interrupted, Signals, Summary, asks_ahead, finish, hand_back, restore_signals, trial_attrs
 from trainers import vectorized
+from trainers.stacked_optim import keeps_padding
 from trainers.vectorized import NotVectorizable, Slot
 
 
@@ -224,12 +225,14 @@ class Population:
         if self.solo_reason or {"hpo:batch_size", "hpo:resume_from"} & trial._cached_frozen_trial.user_attrs.keys():
             return member  # out-of-memory and crash retries carry per-trial settings: alone
         try:
-            vectorized.check_hparams(params, self.config.trainer)
+            spec = vectorized.check_hparams(params, self.config.trainer)
             if seed is not None:
                 objective.seed_torch(seed)  # the weights this trial would start from alone
             member.model = self.task.model(params, self.task.data(params))
             vectorized.check_model(member.model)
-            member.arch = vectorized.architecture(member.model)
+            arch = vectorized.architecture(member.model)
+            # With an eps of 0 its padding's update would be 0/0: it may stack with its own shapes only.
+            member.arch = arch if keeps_padding(spec) else dataclasses.replace(arch, paddable=False)
         except NotVectorizable as err:
             member.model, member.reason = None, str(err)
         except Exception:  # the factory's own error is recorded when the trial runs alone
@@ -241,10 +244,9 @@ class Population:
         architecture, or padded to the widest of them within `vectorize.pad`. A tie goes to the
         group with the oldest trial."""
         groups = [[m] for m in self.pool if m.arch is None]  # each runs alone
-        for anchor in self.pool:  # each the widest of a group: those that may pad to it
-            if anchor.arch is not None:
-                groups.append([m for m in self.pool if self._joins(m, anchor.arch)][: self.width])
-        best = max(groups, key=lambda g: (len(g), -min(m.trial.number for m in g)))
+        for anchor in dict.fromkeys(m.arch for m in self.pool if m.arch is not None):  # each the widest of a group
+            groups.append([m for m in self.pool if self._joins(m, anchor)])
+        best = max(groups, key=lambda g: (len(g), -g[0].trial.number))[: self.width]
         self.pool = [m for m in self.pool if m not in best]
         return best
 
@@ -322,12 +324,12 @@ class Population:
         self.freed = max(0, freed - 1)
         if self.summary.interrupted or self.signals.name:
             return None
-        match = next((m for m in self.pool if self._joins(m, self.group_arch)), None)
+        match = self._fitting(self.pool)
         room = self.holding - len(self.active) - len(self.pool)
         if match is None and room > 0:
             # One ask for every slot freed in this epoch (the refills come after all their ends).
             new = self._ask(max(1, min(freed, room)))
-            match = next((m for m in new if self._joins(m, self.group_arch)), None)
+            match = self._fitting(new)
         if match is None:
             return None
         self.pool.remove(match)
@@ -335,6 +337,11 @@ class Population:
         self._record_start(match, len(self.active) + self.freed)  # and the freed slots still to refill
         self._beat()
         return match.model, self._slot(match)
+
+    def _fitting(self, members: list[Member]) -> Member | None:
+        """The first of `members` that may train in the group, of those padded the least."""
+        fitting = [m for m in members if self._joins(m, self.group_arch)]
+        return max(fitting, key=lambda m: m.arch.size, default=None)
 
     def _end(self, slot: Slot) -> None:
         """Tells a finished, pruned or failed slot's trial at once."""

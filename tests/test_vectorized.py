@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 from typing import Any
 
 import optuna
@@ -23,8 +24,10 @@ from torch import nn
 import trainers
 from hpo import coordinator, worker
 from hpo.config import ConfigError, Vectorize, config_from_dict, load_config
+from hpo.population import Member, Population
 from hpo.storage import open_storage
 from trainers import checkpoint as checkpoint_mod
+from trainers.stacked_optim import keeps_padding
 from trainers.vectorized import (
     NotVectorizable,
     Slot,
@@ -226,6 +229,59 @@ def test_mlps_of_other_hidden_widths_train_padded_in_one_group_each_with_its_sol
             assert not stacked.params[name][i][w:].any()
         assert not stacked.params["3.weight"][i][w:].any() and not stacked.params["3.weight"][i][:, w:].any()
         assert not stacked.params["5.weight"][i][:, w:].any()
+
+
+def test_widths_that_differ_layer_by_layer_pad_to_each_layer_s_widest_with_each_trial_s_solo_curve() -> None:
+    data = toy_data()
+    config = trainers.TrainerConfig(epochs=3, batch_size=32, device="cpu")
+
+    def model(seed: int, first: int, second: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(12, first), nn.GELU(), nn.Linear(first, second), nn.Tanh(), nn.Linear(second, 4))
+
+    models = [model(71, 16, 6), model(72, 6, 16), model(73, 10, 10)]
+    seeds, hparams = [71, 72, 73], [HPARAMS[0], HPARAMS[5], HPARAMS[6]]  # Adam, RMSprop, Adagrad
+    trainer = grouped_run(models, hparams, seeds, data, config)
+    assert trainer.model.params["2.weight"].shape == (3, 16, 16)
+    for i, (m, seed) in enumerate(zip(models, seeds)):
+        state = solo_run(m, data, dataclasses.replace(config, seed=seed), hparams[i])
+        assert_as_alone(trainer.slots[i], trainer.model.slot_state_dict(i), state)
+
+
+def test_an_optimizer_with_eps_0_does_not_train_padded() -> None:
+    # Its padding's update would be 0/0: NaN, which the next layer's zero weights pass on.
+    assert not keeps_padding({"name": "adam", "eps": 0.0}) and not keeps_padding({"name": "rmsprop", "eps": 0})
+    assert not keeps_padding({"name": "adagrad", "eps": 0}) and keeps_padding({"name": "adagrad", "eps": 0, "initial_accumulator_value": 0.1})
+    assert keeps_padding({"name": "sgd", "momentum": 0.9}) and keeps_padding({"name": "adamw"})
+    trainer = StackedTrainer(toy_data(), trainers.TrainerConfig(epochs=1, batch_size=32, device="cpu"))
+    eps0 = {"lr": 0.01, "optimizer": {"name": "adam", "eps": 0.0}}
+    with pytest.raises(NotVectorizable, match="eps 0"):
+        trainer.start([mlp(0, width=16), mlp(1, width=8)], [Slot(0, HPARAMS[0]), Slot(1, eps0)])
+    trainer.start([mlp(0, width=16), mlp(1, width=8)], [Slot(0, eps0), Slot(1, HPARAMS[0])])  # at the group's shapes: no padding
+
+
+def member(number: int, model: nn.Module) -> Member:
+    return Member(trial=types.SimpleNamespace(number=number), params={}, seed=number, model=model, arch=architecture(model))
+
+
+def test_the_next_group_is_the_largest_set_that_stacks_cut_to_k_and_a_refill_is_the_least_padded() -> None:
+    def population(pool: list[Member], width: int, pad: float = 1.0) -> Population:
+        p = Population.__new__(Population)  # only the pool and the settings: no study, no worker
+        p.pool, p.width, p.vectorize = list(pool), width, Vectorize(width=width, pad=pad)
+        return p
+
+    pool = [member(0, mlp(0, width=8)), member(1, mlp(1, width=8)), *(member(n, mlp(n, width=16)) for n in (2, 3, 4))]
+    # Equal shapes only: the three of width 16 are the largest set, though trial 0 is older; cut to K = 2.
+    assert [m.trial.number for m in population(pool, 2)._next_group()] == [2, 3]
+    # This width-8 MLP (two hidden layers) is 2.58 times smaller than the width-16 one: within pad 2.6, all five stack.
+    assert [m.trial.number for m in population(pool, 8, pad=2.6)._next_group()] == [0, 1, 2, 3, 4]
+    assert [m.trial.number for m in population(pool, 8, pad=2.5)._next_group()] == [2, 3, 4]
+    # A refill takes the waiting trial padded least: the group's own shapes before a narrower one.
+    p = population([pool[0], pool[4]], 8, pad=2.6)
+    p.group_arch = pool[2].arch
+    assert p._fitting(p.pool) is pool[4]
+    p.group_arch = pool[0].arch
+    assert p._fitting([pool[4]]) is None and p._fitting(p.pool) is pool[0]
 
 
 def test_what_padding_can_stack_and_what_it_cannot() -> None:
@@ -879,6 +935,7 @@ def test_auto_width_is_measured_and_recorded(tmp_path, capfd) -> None:
     ("{width: fast}", "study.vectorize.width: 'fast' is not a positive integer or auto (expected an integer >= 1 or auto)"),
     ("{widht: 4}", "study.vectorize.widht: unknown key; did you mean width? (expected one of data, lookahead, max_width, pad, width)"),
     ("{width: 4, pad: 0.5}", "study.vectorize.pad: 0.5 is not a number >= 1 (expected a number >= 1)"),
+    ("{width: 4, pad: .nan}", "study.vectorize.pad: nan is not a number >= 1 (expected a number >= 1)"),
     ("{width: 4, lookahead: 0}", "study.vectorize.lookahead: 0 is not an integer >= 1 (expected an integer >= 1)"),
     ("{width: 4, data: per-slot}", "study.vectorize.data: 'per-slot' is not a data mode; did you mean per_slot? (expected shared or per_slot)"),
     ("{width: 4, max_width: 8}", "study.vectorize.max_width: max_width bounds auto only (expected width: auto, or no max_width)"),

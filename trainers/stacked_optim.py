@@ -238,6 +238,15 @@ def _fused_options(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
                   "amsgrad": bool(spec.get("amsgrad", False))}
 
 
+def keeps_padding(spec: Mapping[str, Any]) -> bool:
+    """Whether a slot with this optimizer keeps zero-padded elements (gradient and state 0) at 0:
+    not where its update divides by the root of that state plus an eps of 0 (0/0)."""
+    name, options = _fused_options(spec)
+    if name == "sgd" or (name == "adagrad" and float(spec.get("initial_accumulator_value", 0.0)) > 0):
+        return True
+    return options["eps"] > 0
+
+
 def _needs_aux(spec: tuple[str, dict[str, Any]]) -> bool:
     return bool(spec[1].get("amsgrad") or spec[1].get("centered"))
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -53,7 +54,7 @@ from trainers.loop import (
 )
 from trainers.precision import DTYPES, autocast_for
 from trainers.schedule import Schedule, build_schedule, merge
-from trainers.stacked_optim import StackedOptimizer, StackedScaler, per_slot, stand_in_optimizer
+from trainers.stacked_optim import StackedOptimizer, StackedScaler, keeps_padding, per_slot, stand_in_optimizer
 
 STACKED_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 # Options each stacked optimizer takes per slot (torch.optim's names; beta1/beta2 as in build_optimizer).
@@ -109,7 +110,7 @@ class Architecture:
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
     paddable: bool
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         """Its number of parameter and buffer elements: what a step costs, roughly, per slot."""
         return sum(math.prod(shape) for _, shape in self.shapes)
@@ -298,7 +299,7 @@ class StackedModel:
         self.architecture = widest(archs) if all(a.layout == archs[0].layout for a in archs) else archs[0]
         for i, arch in enumerate(archs):
             if not arch.fits(self.architecture):
-                raise NotVectorizable(f"model {i} has another architecture than model 0 (its signature differs)")
+                raise NotVectorizable(f"model {i} has another architecture than the others (its signature differs)")
         for m in models:
             check_model(m)
         swapped = [_swap_dropout(m).to(device) for m in models]
@@ -324,6 +325,8 @@ class StackedModel:
             self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
         self.dropouts = {name: m for name, m in self.base.named_modules() if isinstance(m, _SlotDropout)}
         self.plan = _sequential_plan(self.base) if batched is not False else None
+        if self.plan is None and any(self.slot_shapes):
+            raise NotVectorizable("the models' hidden widths differ, which only the batched-matmul path of an nn.Sequential pads")
         if self.plan is None and any(signature(m, exact=True) != signature(models[0], exact=True) for m in models):
             raise NotVectorizable("the models' activations differ, which only the batched-matmul path of an nn.Sequential handles")
         # Each slot's own activation modules, by position (the batched path applies them per slot).
@@ -620,6 +623,8 @@ class StackedTrainer:
         """What `fit`'s setup does for one run's training: data order, lr, smoothing, clipping, schedule."""
         if self.per_slot_data and slot.generator is None and slot.seed is not None:
             slot.generator = torch.Generator().manual_seed(slot.seed)
+        if self.model.slot_shapes[index] is not None and not keeps_padding(spec):
+            raise NotVectorizable(f"optimizer {spec['name']} with eps 0 cannot train a padded slot (its padding's update is 0/0)")
         slot.base_lr = float(spec["lr"])
         slot.label_smoothing = label_smoothing(self.config, slot.hparams)
         slot.clip = clip_value(self.config, slot.hparams)
