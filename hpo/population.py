@@ -4,9 +4,10 @@ architecture, and trains each group as one stacked model (`trainers.vectorized`)
 - **Grouping.** Each asked trial's model is built at once, under the trial's seed (the same
   weights it would start from alone), and trials whose models have the same architecture
   (parameter names and shapes, module types) form a group; with ``vectorize.pad`` above 1, so do
-  plain MLPs whose hidden widths differ, padded with zeros to the widest (`vectorized.architecture`). Optimizer and its hyperparameters, schedule,
-  dropout rate, label smoothing and gradient-clip value vary per slot. A trial whose model or
-  hyperparameters cannot be stacked runs alone, as in the ordinary worker.
+  plain MLPs whose hidden widths differ, padded with zeros to the widest of one of them
+  (`vectorized.architecture`). Optimizer and its hyperparameters, schedule, dropout rate, label
+  smoothing and gradient-clip value vary per slot. A trial whose model or hyperparameters cannot
+  be stacked runs alone, as in the ordinary worker.
 - **Reporting and pruning per slot.** After every validation each slot reports to its own trial
   and asks the pruner (`objective.PruningCallback`, as a solo trial does); a pruned, finished or
   failed slot is told at once. The writes go through the worker's storage thread
@@ -16,8 +17,8 @@ architecture, and trains each group as one stacked model (`trainers.vectorized`)
   trains the largest same-architecture set among them first: with 12 architectures in a space,
   K asked trials rarely share one. The price is that the sampler proposes that many trials before
   it sees their results.
-- **Refill.** A freed slot takes a waiting trial that fits the group (the least padded), or asks the sampler
-  for one more (while the worker holds fewer than ``lookahead × K``); that trial starts from
+- **Refill.** A freed slot takes a waiting trial that fits the group (the least padded), or asks
+  the sampler for one more (while the worker holds fewer than ``lookahead × K``); that trial starts from
   epoch 0 in the freed slot. A new trial of another
   architecture is not run solo at once but kept for the next group (it usually finds partners
   there), and the current group shrinks by one instead.
@@ -31,7 +32,8 @@ architecture, and trains each group as one stacked model (`trainers.vectorized`)
   the trial's own directory, in `fit`'s format: a handed-back trial's retry (which always runs
   alone) resumes from them.
 - **Bookkeeping.** Every trial carries ``hpo:worker`` and ``hpo:seeds`` (written with the trial), plus
-  ``hpo:vectorize`` (the width K and whether `auto` chose it) and ``hpo:vectorized_width`` (how
+  ``hpo:vectorize`` (the width K, whether `auto` chose it, the data mode, and the group's model
+  size over the trial's own) and ``hpo:vectorized_width`` (how
   many trials trained together when it started; 1 means solo). The heartbeat covers every trial
   the worker holds, waiting ones included.
 """
@@ -231,6 +233,8 @@ class Population:
             member.model = self.task.model(params, self.task.data(params))
             vectorized.check_model(member.model)
             arch = vectorized.architecture(member.model)
+            if arch.size == 0:
+                return member  # nothing to train, nothing to stack: alone, where fit says what is wrong
             # With an eps of 0 its padding's update would be 0/0: it may stack with its own shapes only.
             member.arch = arch if keeps_padding(spec) else dataclasses.replace(arch, paddable=False)
         except NotVectorizable as err:
@@ -240,14 +244,26 @@ class Population:
         return member
 
     def _next_group(self) -> list[Member]:
-        """The largest set of waiting trials that stack, up to K, the oldest first: of one
-        architecture, or padded to the widest of them within `vectorize.pad`. A tie goes to the
-        group with the oldest trial."""
-        groups = [[m] for m in self.pool if m.arch is None]  # each runs alone
-        for anchor in dict.fromkeys(m.arch for m in self.pool if m.arch is not None):  # each the widest of a group
-            groups.append([m for m in self.pool if self._joins(m, anchor)])
-        best = max(groups, key=lambda g: (len(g), -g[0].trial.number))[: self.width]
-        self.pool = [m for m in self.pool if m not in best]
+        """The largest group of waiting trials that stack, up to K: of one architecture, or padded
+        within `vectorize.pad` to the shapes of one waiting trial (each in turn), those padded
+        least first. Among groups of K, the one with the least padding wins; then the larger set
+        (more trials waiting that could train), then the one whose first trial waited longest."""
+        groups = [([m], m) for m in self.pool if m.arch is None]  # each runs alone
+        for anchor in dict.fromkeys(m.arch for m in self.pool if m.arch is not None):
+            joined = [m for m in self.pool if self._joins(m, anchor)]
+            groups.append((sorted(joined, key=lambda m: -m.arch.size), joined[0]))  # stable: the oldest first among equals
+
+        def rank(entry: tuple[list[Member], Member]) -> tuple:
+            group, first = entry
+            cut = group[: self.width]
+            waste = 0
+            if first.arch is not None:  # the elements of zeros the slots compute on
+                waste = len(cut) * vectorized.widest([m.arch for m in cut]).size - sum(m.arch.size for m in cut)
+            return len(cut), -waste, len(group), -first.trial.number
+
+        chosen = max(groups, key=rank)[0][: self.width]
+        best = [m for m in self.pool if m in chosen]  # in the order asked: slot 0's seed orders shared data
+        self.pool = [m for m in self.pool if m not in chosen]
         return best
 
     def _joins(self, member: Member, group: vectorized.Architecture) -> bool:
@@ -421,7 +437,8 @@ class Population:
             self.on_trial(frozen, self.config)
 
     def _record_start(self, member: Member, group_size: int, *, stacked: bool = True) -> None:
-        # `padding`: the group's model size over the trial's own (1: its own shapes).
+        # `padding`: the group's model size over the trial's own (1: its own shapes), which says
+        # what share of its slot's compute went to zeros.
         padding = round(self.group_arch.size / member.arch.size, 2) if stacked else 1.0
         info = {"width": self.width, "auto": self.vectorize.width == "auto", "data": self.vectorize.data, "padding": padding}
         for key, value in (("hpo:vectorize", info), ("hpo:vectorized_width", group_size)):

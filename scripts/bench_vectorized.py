@@ -186,6 +186,7 @@ def main() -> None:
                         help="with --architectures: the K to stack (the last one also through autograd)")
     args = parser.parse_args()
     SETTINGS.update(lookahead=args.lookahead, device=args.device, precision=args.precision, ask_ahead=args.ask_ahead)
+    args.pad = list(dict.fromkeys(args.pad))  # the same pad twice would resume its own finished study
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.architectures:
@@ -218,7 +219,7 @@ def main() -> None:
     print(f"digits {'/'.join(args.model)}, {args.trials} trials x {args.epochs} epochs, {where}, "
           f"TPE seed{'s' if len(args.seeds) > 1 else ''} {', '.join(map(str, args.seeds))}, "
           f"median pruner, median of {args.rounds} rounds, lookahead {args.lookahead}, "
-          f"ask_ahead {'on' if args.ask_ahead else 'off'}\n")
+          f"ask_ahead {'on' if args.ask_ahead else 'off'}, pad {', '.join('default' if p is None else f'{p:g}' for p in args.pad)}\n")
     print("| model and space | mode | wall s | trials/hour | ratio | trial-epochs/s | ratio | best val_accuracy | s to reach "
           f"{args.target} | pruned | mean group |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -256,8 +256,16 @@ def test_an_optimizer_with_eps_0_does_not_train_padded() -> None:
     trainer = StackedTrainer(toy_data(), trainers.TrainerConfig(epochs=1, batch_size=32, device="cpu"))
     eps0 = {"lr": 0.01, "optimizer": {"name": "adam", "eps": 0.0}}
     with pytest.raises(NotVectorizable, match="eps 0"):
-        trainer.start([mlp(0, width=16), mlp(1, width=8)], [Slot(0, HPARAMS[0]), Slot(1, eps0)])
-    trainer.start([mlp(0, width=16), mlp(1, width=8)], [Slot(0, eps0), Slot(1, HPARAMS[0])])  # at the group's shapes: no padding
+        trainer.start([mlp(0, width=16, act=nn.Tanh), mlp(1, width=8, act=nn.Tanh)], [Slot(0, HPARAMS[0]), Slot(1, eps0)])
+    trainer.start([mlp(0, width=16, act=nn.Tanh), mlp(1, width=8, act=nn.Tanh)], [Slot(0, eps0), Slot(1, HPARAMS[0])])  # at the group's shapes: no padding
+    # A refill refused leaves the group as it was. (Tanh: no unit of the eps-0 slot is dead, whose
+    # exact-zero gradient would be 0/0 alone too.)
+    before = {k: v.clone() for k, v in trainer.model.params.items()}
+    with pytest.raises(NotVectorizable, match="eps 0"):
+        trainer.replace(0, mlp(2, width=4, act=nn.Tanh), Slot(2, eps0))
+    assert trainer.slots[0].key == 0 and all(torch.equal(before[k], v) for k, v in trainer.model.params.items())
+    trainer.train_epoch()
+    assert all(torch.isfinite(v).all() for v in trainer.model.params.values())
 
 
 def member(number: int, model: nn.Module) -> Member:
@@ -276,6 +284,9 @@ def test_the_next_group_is_the_largest_set_that_stacks_cut_to_k_and_a_refill_is_
     # This width-8 MLP (two hidden layers) is 2.58 times smaller than the width-16 one: within pad 2.6, all five stack.
     assert [m.trial.number for m in population(pool, 8, pad=2.6)._next_group()] == [0, 1, 2, 3, 4]
     assert [m.trial.number for m in population(pool, 8, pad=2.5)._next_group()] == [2, 3, 4]
+    # Where more trials wait than fit (lookahead > 1), K of one width beat K that need padding.
+    waiting = [pool[0], pool[2], pool[1], member(5, mlp(5, width=8))]
+    assert [m.trial.number for m in population(waiting, 3, pad=2.6)._next_group()] == [0, 1, 5]
     # A refill takes the waiting trial padded least: the group's own shapes before a narrower one.
     p = population([pool[0], pool[4]], 8, pad=2.6)
     p.group_arch = pool[2].arch
@@ -786,6 +797,8 @@ def model(params):
     width = m.get("width", 16)
     if m.get("recurrent"):  # the features as a sequence: GRU kernels do not stack
         return Recurrent(width)
+    if m.get("empty"):  # no parameters: nothing to train
+        return nn.Sequential(nn.Flatten())
     if m.get("norm"):
         return nn.Sequential(nn.Linear(8, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 2))
     if m.get("slow"):  # a training step of 0.1 s: long enough epochs to stop a worker inside one
@@ -896,6 +909,14 @@ def test_population_prunes_a_slot_at_epoch_2_and_refills_it_with_a_trial_that_st
     assert refill.user_attrs["hpo:vectorized_width"] == 4
     assert refill.datetime_start >= trials[0].datetime_complete
     assert refill.datetime_complete > trials[3].datetime_complete
+
+
+def test_a_model_without_parameters_fails_its_trials_alone_and_the_worker_goes_on(tmp_path) -> None:
+    space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}, "model": {"empty": True}}
+    study, summary = run_study(pop_study(tmp_path, "empty", vectorize={"width": 3, "pad": 4}, baseline=[], n_trials=3, space=space),
+                               str(tmp_path / "empty.journal"), "empty")
+    assert summary.states == {"FAIL": 3}
+    assert all("empty parameter list" in t.user_attrs["hpo:fail_reason"] for t in study.get_trials())
 
 
 def test_a_model_that_cannot_be_stacked_runs_alone_with_one_warning_line(tmp_path, capfd) -> None:

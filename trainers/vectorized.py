@@ -17,6 +17,10 @@ scale; early stopping, loggers and checkpoints in `fit`'s format; and in the bat
 the activation. A slot can be replaced (fresh weights and optimizer state, its epoch count back
 to 0) or dropped, so a caller can prune and refill slots while the others train on.
 
+On the batched-matmul path, MLPs that differ only in their hidden widths stack too, each slot
+padded with zeros to the group's widest sizes (`architecture`): exact where every activation
+between two linear layers maps 0 to 0.
+
 Models that cannot be stacked raise `NotVectorizable` when the group is built (the first
 forward and backward run there), so the caller can train them one at a time instead.
 """
@@ -286,7 +290,8 @@ def _sequential_plan(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
 
 
 class StackedModel:
-    """K same-shape models as stacked parameter tensors [K, ...] with one forward for all.
+    """K models of one architecture as stacked parameter tensors [K, ...] with one forward for all
+    (on the batched path, MLPs of other hidden widths padded with zeros to the widest).
 
     `forward(x)` takes a shared batch [B, ...] or a per-slot one [K, B, ...] and returns [K, B, ...].
     """
@@ -583,6 +588,8 @@ class StackedTrainer:
         cannot be stacked fails here, with `NotVectorizable`, before any slot trained."""
         specs = [check_hparams(s.hparams, self.config) for s in slots]
         self.model = StackedModel(models, self.device, batched=self.batched)
+        for spec, shapes in zip(specs, self.model.slot_shapes):
+            _check_padding(spec, padded=shapes is not None)
         # The batched path's backward written out: the same gradients in fewer ops (`trainers.stacked_backward`).
         self.written_out = self.model.plan is not None
         self.optimizer = StackedOptimizer(self.model.parameters(), specs)
@@ -599,6 +606,8 @@ class StackedTrainer:
     def replace(self, index: int, model: nn.Module, slot: Slot) -> None:
         """Slot `index` starts over with `model` (fresh weights and optimizer state) as `slot`."""
         spec = check_hparams(slot.hparams, self.config)
+        # Before anything changes: a refill refused leaves the group as it was.
+        _check_padding(spec, padded=architecture(model).shapes != self.model.architecture.shapes)
         self.model.load_slot(index, model)
         self.optimizer.reset_slot(index, spec)
         if self.scaler is not None:
@@ -623,8 +632,6 @@ class StackedTrainer:
         """What `fit`'s setup does for one run's training: data order, lr, smoothing, clipping, schedule."""
         if self.per_slot_data and slot.generator is None and slot.seed is not None:
             slot.generator = torch.Generator().manual_seed(slot.seed)
-        if self.model.slot_shapes[index] is not None and not keeps_padding(spec):
-            raise NotVectorizable(f"optimizer {spec['name']} with eps 0 cannot train a padded slot (its padding's update is 0/0)")
         slot.base_lr = float(spec["lr"])
         slot.label_smoothing = label_smoothing(self.config, slot.hparams)
         slot.clip = clip_value(self.config, slot.hparams)
@@ -871,6 +878,11 @@ class StackedTrainer:
         return metrics_mod.finalize_stacked(sums, len(x_all), extra)
 
 
+def _check_padding(spec: Mapping[str, Any], *, padded: bool) -> None:
+    if padded and not keeps_padding(spec):
+        raise NotVectorizable(f"optimizer {spec['name']} with eps 0 cannot train a padded slot (its padding's update is 0/0)")
+
+
 def fit_stacked(
     models: Sequence[nn.Module],
     slots: Sequence[Slot],
@@ -1059,4 +1071,5 @@ __all__ = [
     "signature",
     "architecture",
     "Architecture",
+    "widest",
 ]
