@@ -136,22 +136,22 @@ class StackedOptimizer:
         kind = self.specs[index][0]
         own = shapes if shapes is not None else [p.shape[1:] for p in self.params]
         placeholders = [torch.empty(shape) for shape in own]  # only their order and shapes count
-        region = [tuple(slice(0, n) for n in shape) for shape in own]
+        regions = [region(shape) for shape in own]
         optimizer = build_optimizer(placeholders, self.raw[index])
         if self.groups[index] is not None:  # a schedule's current values, and its initial_lr
             optimizer.param_groups[0].update({k: v for k, v in self.groups[index].items() if k != "params"})
         momentum = optimizer.param_groups[0].get("momentum")
         options = self.specs[index][1]
         for i, p in enumerate(placeholders):
-            step, m, v = self.steps[index], self.m[i][index][region[i]], self.v[i][index][region[i]]
+            step, m, v = self.steps[index], self.m[i][index][regions[i]], self.v[i][index][regions[i]]
             if kind in ("adam", "adamw"):
                 optimizer.state[p] = {"step": step, "exp_avg": m, "exp_avg_sq": v}
                 if options["amsgrad"]:
-                    optimizer.state[p]["max_exp_avg_sq"] = self.aux[i][index][region[i]]
+                    optimizer.state[p]["max_exp_avg_sq"] = self.aux[i][index][regions[i]]
             elif kind == "rmsprop":
                 optimizer.state[p] = {"step": step, "square_avg": v, **({"momentum_buffer": m} if momentum else {})}
                 if options["centered"]:
-                    optimizer.state[p]["grad_avg"] = self.aux[i][index][region[i]]
+                    optimizer.state[p]["grad_avg"] = self.aux[i][index][regions[i]]
             elif kind == "adagrad":
                 optimizer.state[p] = {"step": step, "sum": v}
             elif momentum:
@@ -236,6 +236,11 @@ def _fused_options(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     decay = float(spec.get("weight_decay", 1e-2 if name == "adamw" else 0.0))  # torch's defaults
     return name, {"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": decay, "eps": float(spec.get("eps", 1e-8)),
                   "amsgrad": bool(spec.get("amsgrad", False))}
+
+
+def region(shape: Sequence[int]) -> tuple[slice, ...]:
+    """The index of a narrower tensor's place in its zero-padded one (the leading corner)."""
+    return tuple(slice(0, n) for n in shape)
 
 
 def keeps_padding(spec: Mapping[str, Any]) -> bool:

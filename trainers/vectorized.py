@@ -58,7 +58,7 @@ from trainers.loop import (
 )
 from trainers.precision import DTYPES, autocast_for
 from trainers.schedule import Schedule, build_schedule, merge
-from trainers.stacked_optim import StackedOptimizer, StackedScaler, keeps_padding, per_slot, stand_in_optimizer
+from trainers.stacked_optim import StackedOptimizer, StackedScaler, keeps_padding, per_slot, region, stand_in_optimizer
 
 STACKED_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 # Options each stacked optimizer takes per slot (torch.optim's names; beta1/beta2 as in build_optimizer).
@@ -161,11 +161,6 @@ def widest(architectures: Sequence[Architecture]) -> Architecture:
 def _keeps_zero(module: nn.Module) -> bool:
     with torch.no_grad():
         return bool(_out_of_place(module)(torch.zeros(1)).eq(0).all())
-
-
-def _region(shape: Sequence[int]) -> tuple[slice, ...]:
-    """The index of a narrower tensor's place in its padded one (the leading corner)."""
-    return tuple(slice(0, n) for n in shape)
 
 
 def check_model(model: nn.Module) -> None:
@@ -322,7 +317,7 @@ class StackedModel:
             with torch.no_grad():
                 for k, m in enumerate(swapped):
                     for name, value in m.named_parameters():
-                        self.params[name][k][_region(value.shape)].copy_(value)
+                        self.params[name][k][region(value.shape)].copy_(value)
             self.params = {k: v.requires_grad_(True) for k, v in self.params.items()}
         else:
             params, buffers = stack_module_state(swapped)
@@ -434,7 +429,7 @@ class StackedModel:
                 target = self.params[name][index]
                 if padded or self.slot_shapes[index] is not None:
                     target.zero_()
-                target[_region(value.shape)].copy_(value)
+                target[region(value.shape)].copy_(value)
             for name, value in model.named_buffers():
                 self.buffers[name][index].copy_(value)
             for name in self.dropouts:
@@ -471,7 +466,7 @@ class StackedModel:
         """Slot `index`'s part of `stacked`, a [K, ...] tensor shaped as parameter `name`: without
         its padding."""
         shapes = self.slot_shapes[index]
-        return stacked[index] if shapes is None else stacked[index][_region(shapes[name])]
+        return stacked[index] if shapes is None else stacked[index][region(shapes[name])]
 
     def _sync_dropout(self) -> None:
         self._keep: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
