@@ -3,7 +3,7 @@ optimizer update per batch for all of them, each slot with its own hyperparamete
 
 Small models leave the device idle: on a CPU a digits MLP step is mostly per-op overhead, and
 that overhead is paid once for K slots here. The parameters of the K models are stacked along a
-new leading dimension (`torch.func.stack_module_state`); a plain `nn.Sequential` of linear
+new leading dimension (as `torch.func.stack_module_state` stacks them); a plain `nn.Sequential` of linear
 layers, element-wise activations and dropout runs as batched matrix products, anything else
 through `torch.func.vmap` over `functional_call`. The loss is the *sum* of the slots' mean
 losses, so each slot's gradient is exactly its own model's gradient; on the batched-matmul path
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, vmap
 
 from trainers import metrics as metrics_mod
 from trainers import stacked_backward
@@ -309,20 +309,14 @@ class StackedModel:
             _batch_norm_in_float32(self.base)
         # Per slot: its own shapes where they are narrower than the group's (None: the group's).
         self.slot_shapes = [None if a.shapes == self.architecture.shapes else dict(a.shapes) for a in archs]
-        if any(self.slot_shapes):
-            full = dict(self.architecture.shapes)
-            self.params = {name: torch.zeros((len(models), *full[name]), dtype=p.dtype, device=device)
-                           for name, p in swapped[0].named_parameters()}
-            self.buffers = {name: torch.stack([dict(m.named_buffers())[name] for m in swapped]) for name, _ in swapped[0].named_buffers()}
-            with torch.no_grad():
-                for k, m in enumerate(swapped):
-                    for name, value in m.named_parameters():
-                        self.params[name][k][region(value.shape)].copy_(value)
-            self.params = {k: v.requires_grad_(True) for k, v in self.params.items()}
-        else:
-            params, buffers = stack_module_state(swapped)
-            self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-            self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
+        full = dict(self.architecture.shapes)
+        self.params = {name: torch.zeros((len(models), *full[name]), dtype=p.dtype, device=device)
+                       for name, p in swapped[0].named_parameters()}
+        with torch.no_grad():
+            for k, m in enumerate(swapped):
+                self._write_params(k, m, zero=False)  # onto zeros already
+        self.params = {k: v.requires_grad_(True) for k, v in self.params.items()}
+        self.buffers = {name: torch.stack([dict(m.named_buffers())[name] for m in swapped]) for name, _ in swapped[0].named_buffers()}
         self.dropouts = {name: m for name, m in self.base.named_modules() if isinstance(m, _SlotDropout)}
         self.plan = _sequential_plan(self.base) if batched is not False else None
         if self.plan is None and any(self.slot_shapes):
@@ -425,11 +419,7 @@ class StackedModel:
         # Straight from the model, not from a copy with its dropout swapped: a refill then costs
         # a copy per tensor, not a deep copy of the module tree (4 ms per trial on the digits MLP).
         with torch.no_grad():
-            for name, value in model.named_parameters():
-                target = self.params[name][index]
-                if padded or self.slot_shapes[index] is not None:
-                    target.zero_()
-                target[region(value.shape)].copy_(value)
+            self._write_params(index, model, zero=padded or self.slot_shapes[index] is not None)
             for name, value in model.named_buffers():
                 self.buffers[name][index].copy_(value)
             for name in self.dropouts:
@@ -439,6 +429,15 @@ class StackedModel:
             modules[index] = _out_of_place(getattr(model, name))  # element-wise, without tensors: any device
         self._sync_dropout()
         self._sync_activations()
+
+    def _write_params(self, index: int, model: nn.Module, *, zero: bool) -> None:
+        """`model`'s parameters into slot `index`, in the leading corner of each padded tensor;
+        `zero`: the rest zeroed first (a slot that is or was padded)."""
+        for name, value in model.named_parameters():
+            target = self.params[name][index]
+            if zero:
+                target.zero_()
+            target[region(value.shape)].copy_(value)
 
     def keep(self, indices: Sequence[int]) -> None:
         """Keeps only the slots at `indices`, in that order (the group shrinks)."""
@@ -453,7 +452,8 @@ class StackedModel:
     def slot_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """Slot `index`'s weights under the original model's names and in its own shapes (dropout
         rates left out)."""
-        out = {k: self.slot_view(index, k, v).detach().clone() for k, v in self.params.items()}
+        shapes = self.slot_shapes[index]
+        out = {k: (v[index] if shapes is None else v[index][region(shapes[k])]).detach().clone() for k, v in self.params.items()}
         out.update({k: v[index].clone() for k, v in self.buffers.items() if k.rsplit(".", 1)[0] not in self.dropouts})
         return out
 
@@ -461,12 +461,6 @@ class StackedModel:
         """Slot `index`'s parameter shapes, in the order of `parameters()`, where it is padded."""
         shapes = self.slot_shapes[index]
         return None if shapes is None else [shapes[name] for name in self.params]
-
-    def slot_view(self, index: int, name: str, stacked: torch.Tensor) -> torch.Tensor:
-        """Slot `index`'s part of `stacked`, a [K, ...] tensor shaped as parameter `name`: without
-        its padding."""
-        shapes = self.slot_shapes[index]
-        return stacked[index] if shapes is None else stacked[index][region(shapes[name])]
 
     def _sync_dropout(self) -> None:
         self._keep: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
